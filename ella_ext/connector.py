@@ -1,0 +1,467 @@
+"""The Timestep-Aware Semantic Connector (TSC) of ELLA.
+
+A Perceiver resampler whose LayerNorms are modulated by the diffusion timestep: LLM features ``[B, S, D_in]``
+and a timestep per row go in, ``[B, latents, D_out]`` context tokens for the UNet come out.
+
+Parameter names follow the official ``ella-sd1.5-tsc-t5xl.safetensors`` so that file loads strictly. The
+configuration is read from the tensor shapes; only the head count cannot be read from them: it defaults to 8 and
+can be given as an argument or in the file's safetensors metadata under ``ella.heads`` (see README).
+
+The arithmetic is the reference's, arranged for fewer, larger kernels per call:
+- the time embedding and every adaptive-LayerNorm modulation of every block come from ONE matrix product per
+  call over the (few) distinct timesteps;
+- the text features are projected and normalised once per call (the reference normalises them again in every
+  block: the result is the same because the text features are not updated between blocks);
+- attention runs through ``scaled_dot_product_attention`` with an optional mask of the real text positions, so a
+  batch of prompts of different lengths gives, row by row, what each prompt gives alone without padding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConnectorLoadError, InputError
+
+HEADS_METADATA_KEY = "ella.heads"
+DEFAULT_HEADS = 8
+LAYERNORM_EPS = 1e-6
+_BLOCK_KEY = re.compile(r"^connector\.perceiver_blocks\.(\d+)\.attn\.in_proj_weight$")
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """Shape of a TSC. The defaults are the official SD 1.5 connector."""
+
+    time_channels: int = 320
+    time_embed_dim: int = 768
+    width: int = 768
+    layers: int = 6
+    heads: int = DEFAULT_HEADS
+    num_latents: int = 64
+    input_dim: int | None = 2048
+    output_dim: int | None = None
+
+    @property
+    def in_width(self) -> int:
+        """Hidden size of the LLM features the connector reads."""
+        return self.input_dim if self.input_dim is not None else self.width
+
+    @property
+    def out_width(self) -> int:
+        """Width of the context tokens the connector returns (768 for SD 1.5)."""
+        return self.output_dim if self.output_dim is not None else self.width
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of a file in this configuration, by key."""
+        w, te = self.width, self.time_embed_dim
+        shapes: dict[str, tuple[int, ...]] = {
+            "time_embedding.linear_1.weight": (te, self.time_channels),
+            "time_embedding.linear_1.bias": (te,),
+            "time_embedding.linear_2.weight": (te, te),
+            "time_embedding.linear_2.bias": (te,),
+            "connector.latents": (self.num_latents, w),
+            "connector.time_aware_linear.weight": (w, te),
+            "connector.time_aware_linear.bias": (w,),
+        }
+        if self.input_dim is not None:
+            shapes["connector.proj_in.weight"] = (w, self.input_dim)
+            shapes["connector.proj_in.bias"] = (w,)
+        for i in range(self.layers):
+            p = f"connector.perceiver_blocks.{i}."
+            shapes[p + "attn.in_proj_weight"] = (3 * w, w)
+            shapes[p + "attn.in_proj_bias"] = (3 * w,)
+            shapes[p + "attn.out_proj.weight"] = (w, w)
+            shapes[p + "attn.out_proj.bias"] = (w,)
+            shapes[p + "mlp.c_fc.weight"] = (4 * w, w)
+            shapes[p + "mlp.c_fc.bias"] = (4 * w,)
+            shapes[p + "mlp.c_proj.weight"] = (w, 4 * w)
+            shapes[p + "mlp.c_proj.bias"] = (w,)
+            for norm in ("ln_1", "ln_2", "ln_ff"):
+                shapes[p + norm + ".linear.weight"] = (2 * w, te)
+                shapes[p + norm + ".linear.bias"] = (2 * w,)
+        if self.output_dim is not None:
+            shapes["connector.proj_out.0.weight"] = (self.output_dim, w)
+            shapes["connector.proj_out.0.bias"] = (self.output_dim,)
+            shapes["connector.proj_out.1.weight"] = (self.output_dim,)
+            shapes["connector.proj_out.1.bias"] = (self.output_dim,)
+        return shapes
+
+    @classmethod
+    def from_shapes(cls, shapes: dict[str, tuple[int, ...]], heads: int | None = None) -> ConnectorConfig:
+        """Read the configuration from a file's tensor shapes (key -> shape)."""
+        required = ("time_embedding.linear_1.weight", "connector.latents")
+        absent = [k for k in required if k not in shapes]
+        if absent:
+            raise ConnectorLoadError(
+                f"This is not an ELLA connector: it lacks {', '.join(absent)}. Pick an ELLA TSC file such as "
+                "ella-sd1.5-tsc-t5xl.safetensors."
+            )
+        layers = sum(1 for k in shapes if _BLOCK_KEY.match(k))
+        proj_in = shapes.get("connector.proj_in.weight")
+        proj_out = shapes.get("connector.proj_out.0.weight")
+        time_embed_dim, time_channels = shapes["time_embedding.linear_1.weight"]
+        num_latents, width = shapes["connector.latents"]
+        heads = DEFAULT_HEADS if heads is None else int(heads)
+        if heads < 1 or width % heads:
+            raise ConnectorLoadError(
+                f"The connector's width {width} cannot be split into {heads} attention heads; give a head count "
+                f"that divides {width} (the official connector uses {DEFAULT_HEADS})."
+            )
+        return cls(
+            time_channels=time_channels,
+            time_embed_dim=time_embed_dim,
+            width=width,
+            layers=layers,
+            heads=heads,
+            num_latents=num_latents,
+            input_dim=proj_in[1] if proj_in is not None else None,
+            output_dim=proj_out[0] if proj_out is not None else None,
+        )
+
+
+class _TimeEmbedding(nn.Module):
+    def __init__(self, channels: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(channels, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+
+class _AdaNorm(nn.Module):
+    """Holds the modulation weights of one adaptive LayerNorm; the forward pass fuses them (see ``_Modulation``)."""
+
+    def __init__(self, width: int, time_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(time_dim, 2 * width)
+
+
+class _Mlp(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.c_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(torch.relu(self.c_fc(x)).square())
+
+
+class _Attention(nn.Module):
+    """Parameters in ``nn.MultiheadAttention``'s layout (``in_proj_weight`` = q, k, v stacked)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int, time_dim: int):
+        super().__init__()
+        self.attn = _Attention(width)
+        self.mlp = _Mlp(width)
+        self.ln_1 = _AdaNorm(width, time_dim)
+        self.ln_2 = _AdaNorm(width, time_dim)
+        self.ln_ff = _AdaNorm(width, time_dim)
+
+
+class _Resampler(nn.Module):
+    def __init__(self, cfg: ConnectorConfig):
+        super().__init__()
+        w = cfg.width
+        self.latents = nn.Parameter(torch.empty(cfg.num_latents, w))
+        self.time_aware_linear = nn.Linear(cfg.time_embed_dim, w)
+        if cfg.input_dim is not None:
+            self.proj_in = nn.Linear(cfg.input_dim, w)
+        self.perceiver_blocks = nn.ModuleList(_Block(w, cfg.time_embed_dim) for _ in range(cfg.layers))
+        if cfg.output_dim is not None:
+            self.proj_out = nn.Sequential(nn.Linear(w, cfg.output_dim), nn.LayerNorm(cfg.output_dim))
+
+
+class Connector(nn.Module):
+    """The TSC. ``forward(features, timesteps, mask=None)`` -> ``[B, latents, out_width]``."""
+
+    def __init__(self, config: ConnectorConfig | None = None):
+        super().__init__()
+        self.config = config or ConnectorConfig()
+        cfg = self.config
+        self.time_embedding = _TimeEmbedding(cfg.time_channels, cfg.time_embed_dim)
+        self.connector = _Resampler(cfg)
+        self._fused: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self.register_buffer("_frequencies", _sinusoid_frequencies(cfg.time_channels), persistent=False)
+
+    # -- parameters -------------------------------------------------------------------------------------------
+
+    def _modulation_layers(self) -> list[nn.Linear]:
+        layers = [self.connector.time_aware_linear]
+        for block in self.connector.perceiver_blocks:
+            layers += [block.ln_1.linear, block.ln_2.linear, block.ln_ff.linear]
+        return layers
+
+    def _fused_modulation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All timestep-driven linears stacked into one weight; rebuilt only when a parameter changed."""
+        layers = self._modulation_layers()
+        params = [p for layer in layers for p in (layer.weight, layer.bias)]
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if self._fused is None or self._fused[0] != key:
+            with torch.no_grad():
+                weight = torch.cat([layer.weight for layer in layers])
+                bias = torch.cat([layer.bias for layer in layers])
+            self._fused = (key, weight, bias)
+        return self._fused[1], self._fused[2]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fused = None
+        return super()._apply(fn, *args, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.connector.latents.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.connector.latents.dtype
+
+    # -- forward ----------------------------------------------------------------------------------------------
+
+    def time_features(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Sinusoidal features of fractional DDPM timesteps, cos first, computed in fp32 as the reference does."""
+        args = timesteps.to(torch.float32)[:, None] * self._frequencies.to(timesteps.device)[None]
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if self.config.time_channels % 2:
+            features = F.pad(features, (0, 1))
+        return features
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        timesteps: torch.Tensor | float | int,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        features, timesteps, mask = self._check_inputs(features, timesteps, mask)
+        cfg, res = self.config, self.connector
+        batch, width = features.shape[0], cfg.width
+
+        # One pass over the distinct timesteps: time embedding, then every modulation at once.
+        emb = self.time_embedding
+        time_emb = emb.linear_2(F.silu(emb.linear_1(self.time_features(timesteps).to(self.dtype))))
+        weight, bias = self._fused_modulation()
+        mods = F.linear(F.silu(time_emb), weight, bias)[:, None, :]  # [T, 1, width * (1 + 6 * layers)]
+        mods = mods.expand(batch, 1, -1) if mods.shape[0] != batch else mods
+        start_shift, block_mods = mods[..., :width], mods[..., width:].chunk(3 * cfg.layers, dim=-1)
+
+        text = res.proj_in(features) if cfg.input_dim is not None else features
+        text = F.layer_norm(text, (width,), eps=LAYERNORM_EPS)
+        attn_mask = self._attention_mask(mask, cfg.num_latents)
+        latents = res.latents[None] + start_shift
+
+        for i, block in enumerate(res.perceiver_blocks):
+            mod_1, mod_2, mod_ff = block_mods[3 * i : 3 * i + 3]
+            latents = latents + self._attend(block, _modulate(latents, mod_1), _apply_mod(text, mod_2), attn_mask)
+            latents = latents + block.mlp(_modulate(latents, mod_ff))
+
+        if cfg.output_dim is not None:
+            latents = res.proj_out(latents)
+        return latents
+
+    def _attend(
+        self, block: _Block, latents: torch.Tensor, text: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        heads, width = self.config.heads, self.config.width
+        w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
+        q, k_lat, v_lat = F.linear(latents, w, b).chunk(3, dim=-1)
+        k_txt, v_txt = F.linear(text, w[width:], b[width:]).chunk(2, dim=-1)
+        k = torch.cat([k_lat, k_txt], dim=1)
+        v = torch.cat([v_lat, v_txt], dim=1)
+        out = F.scaled_dot_product_attention(
+            _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads), attn_mask=attn_mask
+        )
+        return block.attn.out_proj(out.transpose(1, 2).flatten(2))
+
+    @staticmethod
+    def _attention_mask(mask: torch.Tensor | None, num_latents: int) -> torch.Tensor | None:
+        """[B, 1, 1, latents + S] boolean, True where a key may be attended; the latents always may."""
+        if mask is None:
+            return None
+        keep = torch.ones(mask.shape[0], num_latents, dtype=torch.bool, device=mask.device)
+        return torch.cat([keep, mask], dim=1)[:, None, None, :]
+
+    def _check_inputs(
+        self, features: torch.Tensor, timesteps: torch.Tensor | float | int, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if not isinstance(features, torch.Tensor) or features.ndim != 3:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise InputError(f"The connector takes LLM features of shape [batch, tokens, width]; it got {shape}.")
+        batch, tokens, width = features.shape
+        if width != self.config.in_width:
+            raise InputError(
+                f"The LLM features are {width} wide but this connector reads {self.config.in_width}-wide features: "
+                "pick the text encoder the connector was trained with."
+            )
+        if batch == 0 or tokens == 0:
+            raise InputError(f"The connector got an empty batch of features {tuple(features.shape)}.")
+        timesteps = torch.as_tensor(timesteps, dtype=torch.float32, device=features.device).reshape(-1)
+        if timesteps.shape[0] not in (1, batch):
+            raise InputError(
+                f"Give one timestep or one per row: got {timesteps.shape[0]} timesteps for {batch} rows."
+            )
+        if mask is not None:
+            if mask.shape != (batch, tokens):
+                raise InputError(f"The mask must be [batch, tokens] = {[batch, tokens]}; got {list(mask.shape)}.")
+            mask = mask.to(device=features.device, dtype=torch.bool)
+        return features.to(self.dtype), timesteps, mask
+
+
+def _sinusoid_frequencies(channels: int) -> torch.Tensor:
+    half = channels // 2
+    return torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device="cpu") / half)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _apply_mod(normed: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+    shift, scale = mod.chunk(2, dim=-1)
+    return torch.addcmul(shift, normed, 1 + scale)
+
+
+def _modulate(x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+    return _apply_mod(F.layer_norm(x, (x.shape[-1],), eps=LAYERNORM_EPS), mod)
+
+
+# -- loading ------------------------------------------------------------------------------------------------------
+
+
+def _describe(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_layout(config: ConnectorConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a file whose tensors differ from the layout ``config`` implies, naming the offending tensors."""
+    expected = config.expected_shapes()
+    missing = sorted(k for k in expected if k not in shapes)
+    unexpected = sorted(k for k in shapes if k not in expected)
+    wrong = sorted(
+        f"{k} {list(shapes[k])} (expected {list(expected[k])})"
+        for k in expected
+        if k in shapes and tuple(shapes[k]) != expected[k]
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_describe(unexpected)}")
+    if wrong:
+        problems.append(f"tensors of the wrong shape: {_describe(wrong)}")
+    if problems:
+        raise ConnectorLoadError(
+            "This file is not a complete ELLA connector (" + "; ".join(problems) + "). Download the connector "
+            "again, or pick a TSC file saved in the official layout."
+        )
+
+
+def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except Exception as exc:  # safetensors raises its own error types, which differ between versions
+        raise ConnectorLoadError(
+            f"{path} is not a readable safetensors file ({exc}). It may be corrupt or a partial download: delete "
+            "it and download it again."
+        ) from exc
+    return shapes, metadata
+
+
+def _resolve_path(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConnectorLoadError(
+            f"No connector file at {path}. Put ella-sd1.5-tsc-t5xl.safetensors (from the QQGYLab/ELLA repository "
+            "on the Hugging Face hub) in the models/ELLA folder, or give the right path."
+        )
+    if path.suffix != ".safetensors":
+        raise ConnectorLoadError(
+            f"{path.name} is not a .safetensors file. Connectors are loaded from safetensors only (pickled "
+            ".bin/.pt/.ckpt files can run code when loaded); use the .safetensors release."
+        )
+    return path
+
+
+def read_config(path: str | Path, heads: int | None = None) -> ConnectorConfig:
+    """The configuration of a connector file, from its header only (no weights are read)."""
+    shapes, metadata = _read_header(_resolve_path(path))
+    return _config_from(shapes, metadata, heads)
+
+
+def _config_from(shapes: dict, metadata: dict, heads: int | None) -> ConnectorConfig:
+    if heads is None and HEADS_METADATA_KEY in metadata:
+        try:
+            heads = int(metadata[HEADS_METADATA_KEY])
+        except ValueError as exc:
+            raise ConnectorLoadError(
+                f"The file's metadata {HEADS_METADATA_KEY}={metadata[HEADS_METADATA_KEY]!r} is not a whole number; "
+                "fix the metadata or pass heads= explicitly."
+            ) from exc
+    config = ConnectorConfig.from_shapes(shapes, heads)
+    check_layout(config, shapes)
+    return config
+
+
+def load_connector(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    heads: int | None = None,
+) -> Connector:
+    """Load a TSC from a safetensors file, strictly; returns the module in eval mode without gradients."""
+    from safetensors.torch import load_file
+
+    path = _resolve_path(path)
+    shapes, metadata = _read_header(path)
+    config = _config_from(shapes, metadata, heads)
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise ConnectorLoadError(
+            f"{path} could not be read ({exc}). It may be corrupt or a partial download: delete it and download it "
+            "again."
+        ) from exc
+    with torch.device("meta"):
+        model = Connector(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model._frequencies = _sinusoid_frequencies(config.time_channels)
+    model.to(device=device, dtype=dtype)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def save_connector(model: Connector, path: str | Path) -> None:
+    """Save in the official layout, with the head count in the metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    metadata = {HEADS_METADATA_KEY: str(model.config.heads), "ella.config": json.dumps(asdict(model.config))}
+    save_file(state, str(path), metadata=metadata)
+
+
+def init_random(model: Connector, generator: torch.Generator | None = None, std: float = 0.02) -> Connector:
+    """Fill every parameter with small random values (tests and benchmarks; the reference zero-inits AdaLN)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj_out.1.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+    return model

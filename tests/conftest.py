@@ -1,0 +1,21 @@
+"""Shared fixtures: tiny models the tests make themselves, so the real loading code runs offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ella_ext.connector import Connector, ConnectorConfig, init_random, save_connector
+
+TINY = ConnectorConfig(time_channels=16, time_embed_dim=24, width=32, layers=2, heads=4, num_latents=8, input_dim=20)
+
+
+def make_connector(config: ConnectorConfig = TINY, seed: int = 0) -> Connector:
+    return init_random(Connector(config), torch.Generator().manual_seed(seed), std=0.2).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_connector_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("connector") / "tiny-tsc.safetensors"
+    save_connector(make_connector(), path)
+    return path

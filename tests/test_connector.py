@@ -1,0 +1,216 @@
+"""The TSC against an independent literal computation of the reference (tests/reference_tsc.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ella_ext import load_connector
+from ella_ext.connector import Connector, ConnectorConfig, init_random, read_config
+from ella_ext.errors import ConnectorLoadError, InputError
+
+from .conftest import TINY, make_connector
+from .reference_tsc import reference_tsc
+
+OFFICIAL_KEYS = Path(__file__).resolve().parents[2] / "shared" / "ella-sd15-tsc-t5xl.keys.json"
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def features(batch, tokens, width=TINY.in_width, seed=1):
+    return torch.randn(batch, tokens, width, generator=torch.Generator().manual_seed(seed))
+
+
+def state_of(model):
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("timesteps", [999, 0.0, 412.37, "per-row"])
+def test_matches_reference_fixed(tiny_connector_file, batch, timesteps):
+    model = load_connector(tiny_connector_file)
+    x = features(batch, 11)
+    if timesteps == "per-row":
+        timesteps = torch.linspace(0, 999, batch) + 0.25
+    out = model(x, timesteps)
+    ref = reference_tsc(state_of(model), x, torch.as_tensor(timesteps, dtype=torch.float32), TINY.heads)
+    assert out.shape == (batch, TINY.num_latents, TINY.out_width)
+    torch.testing.assert_close(out.double(), ref, **TOL)
+
+
+def test_timestep_forms_agree(tiny_connector_file):
+    model = load_connector(tiny_connector_file)
+    x = features(3, 7)
+    expected = model(x, torch.tensor([500.0, 500.0, 500.0]))
+    for form in (500, 500.0, torch.tensor(500.0), torch.tensor([500.0]), torch.tensor([500], dtype=torch.int64)):
+        torch.testing.assert_close(model(x, form), expected, **TOL)
+
+
+def test_timestep_changes_output(tiny_connector_file):
+    model = load_connector(tiny_connector_file)
+    x = features(1, 5)
+    assert not torch.allclose(model(x, 10.0), model(x, 900.0), atol=1e-3)
+
+
+def test_masked_batch_equals_each_row_alone(tiny_connector_file):
+    """Batched flexible length: each row equals the reference on that row alone, unpadded."""
+    model = load_connector(tiny_connector_file)
+    lengths = [3, 9, 1, 6]
+    x = features(len(lengths), max(lengths))
+    mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    x = x.masked_fill(~mask[..., None], 123.0)  # garbage in the padding must not matter
+    timesteps = torch.tensor([1.0, 250.5, 700.0, 999.0])
+    out = model(x, timesteps, mask)
+    state = state_of(model)
+    for row, length in enumerate(lengths):
+        alone = reference_tsc(state, x[row : row + 1, :length], timesteps[row : row + 1], TINY.heads)
+        torch.testing.assert_close(out[row : row + 1].double(), alone, **TOL)
+
+
+def test_without_mask_padding_is_attended(tiny_connector_file):
+    model = load_connector(tiny_connector_file)
+    x = features(1, 6)
+    full = model(x, 300.0)
+    masked = model(x, 300.0, torch.tensor([[True] * 3 + [False] * 3]))
+    assert not torch.allclose(full, masked, atol=1e-4)
+
+
+def test_proj_out_and_no_proj_in(tmp_path):
+    cfg = ConnectorConfig(time_channels=8, time_embed_dim=16, width=16, layers=1, heads=2, num_latents=4,
+                          input_dim=None, output_dim=12)
+    model = init_random(Connector(cfg), torch.Generator().manual_seed(3), std=0.3)
+    from ella_ext.connector import save_connector
+
+    save_connector(model, tmp_path / "c.safetensors")
+    loaded = load_connector(tmp_path / "c.safetensors")
+    assert loaded.config == cfg
+    x = features(2, 5, width=16)
+    torch.testing.assert_close(loaded(x, torch.tensor([3.0, 800.0])).double(),
+                               reference_tsc(state_of(loaded), x, torch.tensor([3.0, 800.0]), 2), **TOL)
+
+
+def test_official_layout_loads_strictly(tmp_path):
+    shapes = json.loads(OFFICIAL_KEYS.read_text())
+    assert len(shapes) == 93
+    cfg = ConnectorConfig()
+    assert {k: list(v) for k, v in cfg.expected_shapes().items()} == shapes
+    # A file with exactly these tensors (zeros: 66.8 M parameters, ~270 MB on disk in fp32; use fp16 to halve it).
+    path = tmp_path / "ella-sd1.5-tsc-t5xl.safetensors"
+    save_file({k: torch.zeros(v, dtype=torch.float16) for k, v in shapes.items()}, str(path))
+    assert read_config(path) == cfg
+    model = load_connector(path, dtype=torch.float16)
+    assert sum(p.numel() for p in model.parameters()) == sum(torch.Size(v).numel() for v in shapes.values())
+    assert model.dtype == torch.float16
+    out = model(torch.zeros(1, 4, 2048, dtype=torch.float16), 10)
+    assert out.shape == (1, 64, 768)
+
+
+def test_heads_from_argument_and_metadata(tmp_path):
+    model = make_connector()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "plain.safetensors"))
+    assert read_config(tmp_path / "plain.safetensors").heads == 8  # the default
+    assert read_config(tmp_path / "plain.safetensors", heads=4).heads == 4
+    save_file(state, str(tmp_path / "meta.safetensors"), metadata={"ella.heads": "2"})
+    assert read_config(tmp_path / "meta.safetensors").heads == 2
+    assert read_config(tmp_path / "meta.safetensors", heads=4).heads == 4
+    with pytest.raises(ConnectorLoadError, match="heads"):
+        read_config(tmp_path / "plain.safetensors", heads=5)
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata={"ella.heads": "eight"})
+    with pytest.raises(ConnectorLoadError, match="ella.heads"):
+        read_config(tmp_path / "bad.safetensors")
+
+
+def _save_variant(tmp_path, mutate):
+    state = {k: v.contiguous() for k, v in make_connector().state_dict().items()}
+    mutate(state)
+    path = tmp_path / "variant.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path = _save_variant(tmp_path, lambda s: s.pop("connector.perceiver_blocks.1.mlp.c_fc.bias"))
+    with pytest.raises(ConnectorLoadError, match=r"missing tensors: connector\.perceiver_blocks\.1\.mlp\.c_fc\.bias"):
+        load_connector(path, heads=4)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    path = _save_variant(tmp_path, lambda s: s.__setitem__("connector.extra", torch.zeros(2)))
+    with pytest.raises(ConnectorLoadError, match=r"unexpected tensors: connector\.extra"):
+        load_connector(path, heads=4)
+
+
+def test_misshaped_tensor_is_named(tmp_path):
+    path = _save_variant(tmp_path, lambda s: s.__setitem__("connector.perceiver_blocks.0.ln_2.linear.bias",
+                                                           torch.zeros(63)))
+    with pytest.raises(ConnectorLoadError, match=r"wrong shape: connector\.perceiver_blocks\.0\.ln_2\.linear\.bias"
+                                                 r" \[63\] \(expected \[64\]\)"):
+        load_connector(path, heads=4)
+
+
+def test_not_a_connector(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(path))
+    with pytest.raises(ConnectorLoadError, match="not an ELLA connector"):
+        load_connector(path)
+
+
+def test_missing_corrupt_and_pickle_files(tmp_path, tiny_connector_file):
+    with pytest.raises(ConnectorLoadError, match="No connector file"):
+        load_connector(tmp_path / "absent.safetensors")
+    truncated = tmp_path / "partial.safetensors"
+    truncated.write_bytes(tiny_connector_file.read_bytes()[:200])
+    with pytest.raises(ConnectorLoadError, match="corrupt or a partial download"):
+        load_connector(truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(ConnectorLoadError, match="corrupt"):
+        load_connector(garbage)
+    pickle = tmp_path / "ella.pt"
+    pickle.write_bytes(b"not loaded")
+    with pytest.raises(ConnectorLoadError, match="safetensors only"):
+        load_connector(pickle)
+
+
+def test_bad_inputs(tiny_connector_file):
+    model = load_connector(tiny_connector_file)
+    with pytest.raises(InputError, match="20-wide"):
+        model(torch.zeros(1, 3, 19), 1.0)
+    with pytest.raises(InputError, match="shape"):
+        model(torch.zeros(3, 20), 1.0)
+    with pytest.raises(InputError, match="3 timesteps for 2 rows"):
+        model(torch.zeros(2, 3, 20), torch.zeros(3))
+    with pytest.raises(InputError, match="mask"):
+        model(torch.zeros(2, 3, 20), 1.0, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(InputError, match="empty"):
+        model(torch.zeros(0, 3, 20), 1.0)
+
+
+def test_fused_weights_follow_parameter_changes(tiny_connector_file):
+    model = load_connector(tiny_connector_file)
+    x = features(1, 4)
+    before = model(x, 100.0)
+    with torch.no_grad():
+        model.connector.perceiver_blocks[0].ln_1.linear.bias.add_(0.5)
+    after = model(x, 100.0)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after.double(), reference_tsc(state_of(model), x, torch.tensor([100.0]), TINY.heads),
+                               **TOL)
+
+
+def test_dtype_move_and_half_precision(tiny_connector_file):
+    """Low precision computes what fp32 computes with the same (rounded) weights, to within its resolution."""
+    x = features(2, 5)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = load_connector(tiny_connector_file, dtype=dtype)
+        out = low(x, 640.0)  # float32 features are cast to the module's dtype
+        assert out.dtype == dtype
+        same_weights = load_connector(tiny_connector_file, dtype=dtype).float()
+        ref = same_weights(x.to(dtype).float(), 640.0)
+        assert ((out.float() - ref).norm() / ref.norm()) < 0.01
+    model = load_connector(tiny_connector_file).to(torch.float64)
+    assert model(x.double(), 640.0).dtype == torch.float64

@@ -1,0 +1,105 @@
+"""sigma -> timestep against the real k-diffusion package (the code A1111's k-diffusion samplers run).
+
+k-diffusion's package __init__ imports its training stack (torchvision, kornia, wandb, ...), which neither the
+hosts' sampling path nor these tests need; the test loads the package's real ``external.py`` (which holds
+``DiscreteSchedule``) under a package whose ``sampling``/``utils`` submodules are empty placeholders.
+``sigma_to_t``/``t_to_sigma`` use neither.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+
+from ella_ext.errors import InputError
+from ella_ext.timesteps import TimestepSchedule, sigmas_from_alphas_cumprod
+
+
+def sd15_alphas_cumprod() -> torch.Tensor:
+    # SD 1.x: "scaled_linear" betas from 0.00085 to 0.012 over 1000 steps (v1-inference.yaml linear_start/end).
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+@pytest.fixture(scope="module")
+def k_external():
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        pytest.fail("the k-diffusion package is not installed: run the README's setup command")
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = list(spec.submodule_search_locations)
+    saved = {k: sys.modules.get(k) for k in ("k_diffusion", "k_diffusion.sampling", "k_diffusion.utils",
+                                              "k_diffusion.external")}
+    sys.modules.update({"k_diffusion": package, "k_diffusion.sampling": types.ModuleType("k_diffusion.sampling"),
+                        "k_diffusion.utils": types.ModuleType("k_diffusion.utils")})
+    try:
+        path = spec.submodule_search_locations[0] + "/external.py"
+        ext_spec = importlib.util.spec_from_file_location("k_diffusion.external", path)
+        module = importlib.util.module_from_spec(ext_spec)
+        ext_spec.loader.exec_module(module)
+        yield module
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+@pytest.fixture(scope="module")
+def denoiser(k_external):
+    # A1111 wraps the UNet in k-diffusion's CompVisDenoiser, a DiscreteEpsDDPMDenoiser over alphas_cumprod.
+    return k_external.DiscreteEpsDDPMDenoiser(torch.nn.Identity(), sd15_alphas_cumprod().float(), quantize=False)
+
+
+def sample_sigmas(denoiser):
+    karras = (denoiser.sigma_max ** (1 / 7) + torch.linspace(0, 1, 37) * (
+        denoiser.sigma_min ** (1 / 7) - denoiser.sigma_max ** (1 / 7))) ** 7
+    return torch.cat([karras, denoiser.sigmas, torch.tensor([1e-4, 0.01, 0.5, 1.0, 7.0, 30.0, 200.0])])
+
+
+def test_fractional_matches_k_diffusion(denoiser):
+    sigmas = sample_sigmas(denoiser)
+    expected = denoiser.sigma_to_t(sigmas)
+    # From the same float32 sigmas the arithmetic is the same, to the bit.
+    assert torch.equal(TimestepSchedule(denoiser.sigmas).timestep(sigmas), expected)
+    # From alphas_cumprod (sigmas computed in float64, then rounded): within 1e-4 of a timestep.
+    schedule = TimestepSchedule.from_alphas_cumprod(sd15_alphas_cumprod().float())
+    torch.testing.assert_close(schedule.timestep(sigmas), expected, atol=1e-4, rtol=0)
+
+
+def test_quantised_matches_k_diffusion(denoiser):
+    schedule = TimestepSchedule.from_alphas_cumprod(sd15_alphas_cumprod().float())
+    sigmas = sample_sigmas(denoiser)
+    expected = denoiser.sigma_to_t(sigmas, quantize=True).float()
+    assert torch.equal(schedule.timestep(sigmas, quantize=True), expected)
+
+
+def test_sigmas_match_k_diffusion(denoiser):
+    torch.testing.assert_close(sigmas_from_alphas_cumprod(sd15_alphas_cumprod()).float(), denoiser.sigmas)
+
+
+def test_inverse_matches_k_diffusion(denoiser):
+    schedule = TimestepSchedule(denoiser.sigmas)
+    t = torch.tensor([0.0, 0.5, 10.25, 500.0, 998.9, 999.0])
+    torch.testing.assert_close(schedule.sigma(t), denoiser.t_to_sigma(t))
+    torch.testing.assert_close(schedule.timestep(schedule.sigma(t)), t, atol=1e-3, rtol=0)
+
+
+def test_shape_preserved_and_scalar(denoiser):
+    schedule = TimestepSchedule(denoiser.sigmas)
+    assert schedule.timestep(torch.ones(2, 3)).shape == (2, 3)
+    assert schedule.timestep(1.0).shape == ()
+    assert schedule.timestep(float(denoiser.sigma_max)).item() == pytest.approx(999.0)
+    assert schedule.timestep(float(denoiser.sigma_min)).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_bad_schedule():
+    with pytest.raises(InputError):
+        TimestepSchedule(torch.tensor([1.0]))
+    with pytest.raises(InputError):
+        TimestepSchedule(torch.tensor([2.0, 1.0]))

@@ -19,3 +19,17 @@ def tiny_connector_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("connector") / "tiny-tsc.safetensors"
     save_connector(make_connector(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory):
+    from .tiny_llms import make_t5
+
+    return make_t5(tmp_path_factory.mktemp("llm") / "tiny-t5")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    from .tiny_llms import make_llama
+
+    return make_llama(tmp_path_factory.mktemp("llm") / "tiny-llama")

@@ -1,0 +1,329 @@
+"""LLM text encoders for ELLA: the T5 family (encoder-only) and decoder-only LLMs (a chosen layer's hidden states).
+
+``load_text_encoder(path_or_id)`` returns a ``TextEncoder`` whose ``encode(texts, max_length)`` gives
+``(features [B, S, D] float32, mask [B, S] bool)``:
+
+- fixed length (``max_length=N``, 128 in the reference): every text padded or truncated to N tokens, EOS kept, as
+  the reference tokenises; the mask marks the real tokens (the reference's TSC ignores it and attends to all N);
+- flexible length (``max_length=None``): no padding per text; a batch is padded to its longest text and the mask
+  says which positions are real. Texts longer than the model's limit are truncated there, with a warning.
+
+Precision: fp16 on CUDA by default (the connector was trained against fp16 T5), fp32 on CPU and MPS; bf16 or fp32
+on request. A non-finite output (flan-T5 can overflow in fp16) is recomputed in fp32, with a warning.
+Features are returned as float32 on the model's device (the connector casts them to its own dtype) and cached in a
+bounded LRU by (model, text, length mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, TextEncoderError
+
+log = logging.getLogger("ella")
+
+T5_FAMILY = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+DEFAULT_FIXED_LENGTH = 128
+FALLBACK_LIMIT = 512  # T5's tokenizers declare 512; relative positions allow more but the models were not trained so
+
+
+class EncodingCache:
+    """Bounded LRU of per-text encodings ``(features [S, D], real tokens)``, keyed by (model, text, max_length).
+
+    Thread-safe."""
+
+    def __init__(self, max_entries: int = 64):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, tuple[torch.Tensor, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> tuple[torch.Tensor, int] | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: tuple, value: tuple[torch.Tensor, int]) -> None:
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+class TextEncoder:
+    """An LLM and its tokenizer. Use ``load_text_encoder`` to make one."""
+
+    def __init__(self, model, tokenizer, name: str, *, layer: int | None = None, cache: EncodingCache | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.layer = layer  # None: encoder-only (last_hidden_state); an index: that hidden state of a decoder
+        self.cache = cache if cache is not None else EncodingCache()
+        self._lock = threading.Lock()
+
+    # -- properties ------------------------------------------------------------------------------------------------
+
+    @property
+    def hidden_size(self) -> int:
+        config = self.model.config
+        return getattr(config, "d_model", None) or config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def token_limit(self) -> int:
+        """The most tokens the model takes; flexible mode truncates there."""
+        limits = [getattr(self.model.config, "max_position_embeddings", None), self.tokenizer.model_max_length]
+        limits = [int(x) for x in limits if x is not None and 0 < x < 1_000_000]
+        return min(limits) if limits else FALLBACK_LIMIT
+
+    def to(self, device: str | torch.device) -> TextEncoder:
+        self.model.to(device)
+        return self
+
+    def check_fits(self, in_width: int, connector_name: str = "the connector") -> None:
+        if self.hidden_size != in_width:
+            raise TextEncoderError(
+                f"The text encoder {self.name} has hidden size {self.hidden_size}, but {connector_name} reads "
+                f"{in_width}-wide features. Pick the text encoder the connector was trained with (flan-T5-XL, 2048, "
+                "for the official SD 1.5 connector)."
+            )
+
+    # -- encoding --------------------------------------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the LLM sees for ``text`` (special tokens included), before any padding or truncation."""
+        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def encode(self, texts: list[str] | str, max_length: int | None = DEFAULT_FIXED_LENGTH):
+        """``(features [B, S, D] float32, mask [B, S] bool)``; ``max_length=None`` is flexible length."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise InputError("encode() takes a non-empty list of strings.")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise InputError(f"max_length must be a positive whole number or None (flexible); got {max_length!r}.")
+        with self._lock:
+            rows = self._cached_rows(texts, max_length)
+        return _stack(rows)
+
+    def _cached_rows(self, texts: list[str], max_length: int | None) -> list[tuple[torch.Tensor, int]]:
+        keys = {text: (self.name, text, max_length) for text in texts}
+        found = {text: self.cache.get(key) for text, key in keys.items()}
+        missing = [text for text, value in found.items() if value is None]
+        if missing:
+            for text, row in zip(missing, self._encode_uncached(missing, max_length)):
+                self.cache.put(keys[text], row)
+                found[text] = row
+        return [found[text] for text in texts]
+
+    def _tokenize(self, texts: list[str], max_length: int | None) -> _Batch:
+        if max_length is not None:
+            out = self.tokenizer(texts, return_tensors="pt", add_special_tokens=True, max_length=max_length,
+                                 padding="max_length", truncation=True)
+        else:
+            limit = self.token_limit
+            too_long = [t for t in texts if self.count_tokens(t) > limit]
+            if too_long:
+                log.warning("ELLA: a prompt has more than %d tokens, the limit of %s; the LLM reads its first %d.",
+                            limit, self.name, limit)
+            out = self.tokenizer(texts, return_tensors="pt", add_special_tokens=True, padding="longest",
+                                 truncation=True, max_length=limit)
+        return _Batch(out["input_ids"], out["attention_mask"].bool())
+
+    def _encode_uncached(self, texts: list[str], max_length: int | None) -> list[tuple[torch.Tensor, int]]:
+        batch = self._tokenize(texts, max_length)
+        features = self._run(batch)
+        if not torch.isfinite(features).all():
+            features = self._run_fp32_fallback(batch)
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        if max_length is not None:  # fixed: keep the padding positions, the reference's TSC reads them
+            return list(zip(features.unbind(0), lengths))
+        return [(row[:length].clone(), length) for row, length in zip(features.unbind(0), lengths)]
+
+    def _run(self, batch: _Batch) -> torch.Tensor:
+        ids = batch.input_ids.to(self.device)
+        attention = batch.attention_mask.to(self.device).long()
+        try:
+            with torch.inference_mode():
+                if self.layer is None:
+                    hidden = self.model(input_ids=ids, attention_mask=attention).last_hidden_state
+                else:
+                    out = self.model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+                    hidden = out.hidden_states[self.layer]
+        except RuntimeError as exc:
+            if "Half" in str(exc) or "BFloat16" in str(exc):
+                raise TextEncoderError(
+                    f"The text encoder cannot run in {self.dtype} on {self.device} ({exc}). Set the LLM precision "
+                    "to fp32 (CPU and Apple MPS need fp32)."
+                ) from exc
+            raise
+        return hidden.float()
+
+    def _run_fp32_fallback(self, batch: _Batch) -> torch.Tensor:
+        dtype = self.dtype
+        log.warning("ELLA: %s gave non-finite features in %s; recomputing this batch in fp32.", self.name, dtype)
+        try:
+            self.model.float()
+            features = self._run(batch)
+        finally:
+            _restore_dtype(self.model, dtype)
+        if not torch.isfinite(features).all():
+            raise TextEncoderError(
+                f"The text encoder {self.name} gives non-finite features even in fp32: its weights are probably "
+                "corrupt. Download the text encoder again."
+            )
+        return features
+
+
+def _restore_dtype(model, dtype: torch.dtype) -> None:
+    """Back to ``dtype``, keeping the modules transformers keeps in fp32 (T5's ``wo``) in fp32."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    for name, module in model.named_modules():
+        if keep and any(part in keep for part in name.split(".")):
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(dtype)
+
+
+def _stack(rows: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(row.shape[0] for row, _ in rows)
+    first = rows[0][0]
+    features = first.new_zeros(len(rows), length, first.shape[-1])
+    for i, (row, _) in enumerate(rows):  # once per generation per new text, never on the per-call path
+        features[i, : row.shape[0]] = row
+    real = torch.tensor([n for _, n in rows], device=first.device)
+    mask = torch.arange(length, device=first.device)[None, :] < real[:, None]
+    return features, mask
+
+
+# -- loading ------------------------------------------------------------------------------------------------------
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict:
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _load_config(path_or_id: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path_or_id)
+    except OSError as exc:
+        raise TextEncoderError(
+            f"No text encoder found at {path_or_id!r} ({exc}). Put the model folder (with config.json) in "
+            "models/ELLA/text_encoders, or give a Hugging Face hub id; offline, the model must be in the hub cache."
+        ) from exc
+    except ValueError as exc:
+        raise TextEncoderError(f"{path_or_id!r} does not hold a usable model config.json ({exc}).") from exc
+
+
+def _load_tokenizer(path_or_id: str, model_type: str):
+    import transformers
+
+    try:
+        if model_type in ("t5", "mt5"):
+            tokenizer = transformers.T5Tokenizer.from_pretrained(path_or_id)  # the reference's tokenizer
+        else:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path_or_id)
+    except (OSError, ValueError, ImportError) as exc:
+        raise TextEncoderError(
+            f"The tokenizer of {path_or_id!r} could not be loaded ({exc}). The folder needs its tokenizer files "
+            "(spiece.model for T5); sentencepiece must be installed."
+        ) from exc
+    _check_vocabulary(tokenizer, path_or_id)
+    if tokenizer.pad_token is None:  # decoder-only LLMs often have none; padded positions are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _check_vocabulary(tokenizer, path_or_id: str) -> None:
+    """Some transformers versions build an empty tokenizer when the vocabulary file is missing: refuse it."""
+    ids = tokenizer("a photo of a cat", add_special_tokens=False)["input_ids"]
+    if "cat" not in tokenizer.decode(ids, skip_special_tokens=True):
+        raise TextEncoderError(
+            f"The tokenizer of {path_or_id!r} knows no words (it cannot spell 'a photo of a cat'): its vocabulary file "
+            "(spiece.model or tokenizer.json) is missing or empty. Download the text encoder folder again."
+        )
+
+
+def _load_model(path_or_id: str, config, dtype: torch.dtype):
+    import transformers
+
+    if config.model_type in T5_FAMILY:
+        cls = getattr(transformers, T5_FAMILY[config.model_type], None)
+        if cls is None:
+            raise TextEncoderError(
+                f"This transformers ({transformers.__version__}) has no {T5_FAMILY[config.model_type]}; "
+                "update transformers to load this text encoder."
+            )
+    else:
+        cls = transformers.AutoModel
+    try:
+        return cls.from_pretrained(path_or_id, config=config, use_safetensors=True, **_dtype_kwargs(dtype))
+    except Exception as exc:  # transformers and safetensors raise many types here, varying by version
+        raise TextEncoderError(
+            f"The weights of {path_or_id!r} could not be loaded ({exc}). Text encoders load from .safetensors "
+            "files only; if the folder has only pytorch_model.bin, convert it or download the safetensors release."
+        ) from exc
+
+
+def load_text_encoder(
+    path_or_id: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    layer: int = -1,
+    cache: EncodingCache | None = None,
+) -> TextEncoder:
+    """Load an encoder from a local folder or a hub id.
+
+    T5-family models run their encoder (``last_hidden_state``); any other model is treated as a decoder-only LLM
+    and ``layer`` picks which hidden state is returned (-1: the last).
+    """
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    name = str(path_or_id)
+    config = _load_config(name)
+    tokenizer = _load_tokenizer(name, config.model_type)
+    model = _load_model(name, config, dtype)
+    model.requires_grad_(False)
+    model.eval()
+    model.to(device)
+    is_t5 = config.model_type in T5_FAMILY
+    log.info("ELLA: loaded text encoder %s (%s, %s) on %s", name, config.model_type, dtype, device)
+    return TextEncoder(model, tokenizer, name, layer=None if is_t5 else layer, cache=cache)

@@ -1,0 +1,174 @@
+"""Text encoders against transformers called directly, the way the reference calls them."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ella_ext import load_text_encoder
+from ella_ext.errors import InputError, TextEncoderError
+from ella_ext.text_encoders import EncodingCache, default_dtype
+
+from .tiny_llms import HIDDEN
+
+TEXTS = ["a red cube on top of a blue sphere", "three cats", "", "an oil painting of a crocodile wearing a sweater"]
+
+
+def direct_t5(folder, texts, **tokenizer_args):
+    from transformers import T5EncoderModel, T5Tokenizer
+
+    tokenizer = T5Tokenizer.from_pretrained(str(folder))
+    model = T5EncoderModel.from_pretrained(str(folder)).eval()
+    tokens = tokenizer(texts, return_tensors="pt", add_special_tokens=True, **tokenizer_args)
+    with torch.no_grad():
+        out = model(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+    return out, tokens.attention_mask.bool()
+
+
+@pytest.fixture(scope="module")
+def t5(tiny_t5_dir):
+    return load_text_encoder(tiny_t5_dir)
+
+
+def test_fixed_length_is_the_reference_tokenisation(t5, tiny_t5_dir):
+    features, mask = t5.encode(TEXTS, max_length=16)
+    expected, expected_mask = direct_t5(tiny_t5_dir, TEXTS, max_length=16, padding="max_length", truncation=True)
+    assert features.shape == (len(TEXTS), 16, HIDDEN) and features.dtype == torch.float32
+    assert torch.equal(mask, expected_mask)
+    torch.testing.assert_close(features, expected, atol=1e-6, rtol=1e-5)
+    assert t5.encode(["x"], max_length=None)[0].shape[1] < 16
+
+
+def test_flexible_rows_equal_each_text_alone(t5, tiny_t5_dir):
+    features, mask = t5.encode(TEXTS, max_length=None)
+    for row, text in enumerate(TEXTS):
+        alone, _ = direct_t5(tiny_t5_dir, [text])  # no padding at all, as the reference's flexible mode
+        n = alone.shape[1]
+        assert int(mask[row].sum()) == n and bool(mask[row, :n].all())
+        torch.testing.assert_close(features[row, :n], alone[0], atol=1e-5, rtol=1e-5)
+        assert torch.count_nonzero(features[row, n:]) == 0
+    assert features.shape[1] == max(int(m.sum()) for m in mask)
+
+
+def test_empty_prompt_is_eos_only(t5):
+    features, mask = t5.encode([""], max_length=None)
+    assert features.shape == (1, 1, HIDDEN) and bool(mask.all())
+    assert t5.tokenizer("").input_ids == [t5.tokenizer.eos_token_id]
+    features, mask = t5.encode([""], max_length=128)
+    assert features.shape == (1, 128, HIDDEN) and int(mask.sum()) == 1
+
+
+def test_thousand_token_prompt(t5, caplog):
+    long_text = " ".join(["crocodile sweater kitchen lighthouse"] * 250)
+    assert t5.count_tokens(long_text) > 1000
+    features, mask = t5.encode([long_text], max_length=128)
+    assert features.shape[1] == 128 and bool(mask.all())
+    with caplog.at_level(logging.WARNING, logger="ella"):
+        features, mask = t5.encode([long_text], max_length=None)
+    assert features.shape[1] == t5.token_limit == 512
+    assert "more than 512 tokens" in caplog.text
+    assert torch.isfinite(features).all()
+
+
+def test_cache_is_used_and_bounded(tiny_t5_dir):
+    encoder = load_text_encoder(tiny_t5_dir, cache=EncodingCache(max_entries=3))
+    calls = []
+    encoder.model.register_forward_hook(lambda module, args, output: calls.append(1))
+    first = encoder.encode(["a", "b"], max_length=None)
+    assert len(calls) == 1  # one batched run for both texts
+    again = encoder.encode(["b", "a", "a"], max_length=None)
+    assert len(calls) == 1
+    torch.testing.assert_close(again[0][1], first[0][0])
+    encoder.encode(["a"], max_length=8)  # the length mode is part of the key
+    assert len(calls) == 2
+    encoder.encode(["c", "d"], max_length=None)
+    assert len(encoder.cache) == 3
+    encoder.encode(["b"], max_length=None)  # "b" was the least recently used and fell out
+    assert len(calls) == 4
+
+
+def test_decoder_only_hidden_state_of_chosen_layer(tiny_llama_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    model = AutoModel.from_pretrained(str(tiny_llama_dir)).eval()
+    for layer in (-1, 1):
+        encoder = load_text_encoder(tiny_llama_dir, layer=layer)
+        features, mask = encoder.encode(TEXTS[:2], max_length=None)
+        for row, text in enumerate(TEXTS[:2]):
+            tokens = tokenizer([text], return_tensors="pt")
+            with torch.no_grad():
+                hidden = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                               output_hidden_states=True).hidden_states[layer][0]
+            n = hidden.shape[0]
+            assert int(mask[row].sum()) == n
+            torch.testing.assert_close(features[row, :n], hidden, atol=1e-5, rtol=1e-5)
+    assert encoder.token_limit == 64
+
+
+def test_non_finite_output_is_recomputed_in_fp32(tiny_t5_dir, tmp_path, caplog):
+    # A final norm weight that fits fp16 but drives outputs past fp16's range (65504): fp16 gives inf.
+    folder = tmp_path / "overflowing-t5"
+    shutil.copytree(tiny_t5_dir, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["encoder.final_layer_norm.weight"] = torch.full_like(weights["encoder.final_layer_norm.weight"], 3e4)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    half = load_text_encoder(folder, dtype=torch.float16)
+    ids = half.tokenizer(TEXTS[:1], return_tensors="pt")
+    with torch.no_grad():
+        raw = half.model(**ids).last_hidden_state
+    assert not torch.isfinite(raw).all(), "the fixture no longer overflows in fp16"
+    with caplog.at_level(logging.WARNING, logger="ella"):
+        features, _ = half.encode(TEXTS[:1], max_length=None)
+    assert "non-finite" in caplog.text
+    assert torch.isfinite(features).all()
+    assert half.model.encoder.final_layer_norm.weight.dtype == torch.float16  # restored after the fallback
+    full = load_text_encoder(folder, dtype=torch.float32)
+    expected, _ = full.encode(TEXTS[:1], max_length=None)
+    assert ((features - expected).norm() / expected.norm()) < 1e-2  # fp16-rounded weights, fp32 arithmetic
+
+
+def test_hidden_size_mismatch_names_both(t5):
+    t5.check_fits(HIDDEN)
+    with pytest.raises(TextEncoderError, match=rf"hidden size {HIDDEN}.*reads 2048-wide"):
+        t5.check_fits(2048)
+
+
+def test_missing_and_broken_folders(tmp_path, tiny_t5_dir):
+    with pytest.raises(TextEncoderError, match="No text encoder found"):
+        load_text_encoder(tmp_path / "nowhere")
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(tiny_t5_dir, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(TextEncoderError, match="safetensors"):
+        load_text_encoder(no_weights)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_t5_dir, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(TextEncoderError, match="could not be loaded"):
+        load_text_encoder(corrupt)
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_t5_dir, no_tokenizer)
+    (no_tokenizer / "spiece.model").unlink()
+    with pytest.raises(TextEncoderError, match="tokenizer"):
+        load_text_encoder(no_tokenizer)
+
+
+def test_bad_encode_arguments(t5):
+    with pytest.raises(InputError):
+        t5.encode([], max_length=None)
+    with pytest.raises(InputError):
+        t5.encode(["a"], max_length=0)
+    with pytest.raises(InputError):
+        t5.encode([None], max_length=None)
+
+
+def test_precision_policy():
+    assert default_dtype(torch.device("cuda")) == torch.float16
+    assert default_dtype(torch.device("cpu")) == torch.float32
+    assert default_dtype(torch.device("mps")) == torch.float32

@@ -1,0 +1,135 @@
+"""The per-generation conditioner: right rows, one LLM batch per new text, one TSC pass per call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ella_ext import load_connector, load_text_encoder
+from ella_ext.conditioning import Conditioner, concat_with_clip
+from ella_ext.errors import InputError, TextEncoderError
+
+from .conftest import TINY
+from .reference_tsc import reference_tsc
+from .test_text_encoders import direct_t5
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture()
+def parts(tiny_connector_file, tiny_t5_dir):
+    connector = load_connector(tiny_connector_file, heads=TINY.heads)
+    encoder = load_text_encoder(tiny_t5_dir)
+    llm_calls = []
+    encoder.model.register_forward_hook(lambda *_: llm_calls.append(1))
+    return connector, encoder, llm_calls
+
+
+def expected_row(connector, folder, text, timestep, max_length=None):
+    args = {} if max_length is None else dict(max_length=max_length, padding="max_length", truncation=True)
+    features, _ = direct_t5(folder, [text], **args)
+    state = {k: v.detach() for k, v in connector.state_dict().items()}
+    return reference_tsc(state, features, torch.tensor([float(timestep)]), TINY.heads)[0]
+
+
+@pytest.mark.parametrize("max_length", [None, 12])
+def test_rows_match_reference_run_alone(parts, tiny_t5_dir, max_length):
+    connector, encoder, _ = parts
+    cond = Conditioner(connector, encoder, max_length=max_length)
+    texts = ["a red cube on top of a blue sphere", "", "three cats sitting on a wooden bench in the park", "a red cube"]
+    timesteps = torch.tensor([999.0, 999.0, 10.5, 400.0])
+    out = cond(texts, timesteps)
+    assert out.shape == (4, TINY.num_latents, TINY.out_width)
+    for row, (text, t) in enumerate(zip(texts, timesteps.tolist())):
+        torch.testing.assert_close(out[row].double(), expected_row(connector, tiny_t5_dir, text, t, max_length), **TOL)
+
+
+def test_llm_once_per_text_and_one_tsc_pass_per_call(parts):
+    connector, encoder, llm_calls = parts
+    cond = Conditioner(connector, encoder)
+    cond.prepare(["cat", "dog", "cat", ""])
+    assert len(llm_calls) == 1
+    rows = ["cat", "cat", "dog", "dog", "", ""]  # cond rows then uncond rows, batch of 2 each... as a host lays them
+    for step, t in enumerate([999.0, 800.0, 600.0]):
+        out = cond(rows, t)
+        assert cond.tsc_passes == step + 1  # exactly one TSC pass per call
+        assert cond.tsc_pairs == 3 * (step + 1)  # identical rows computed once
+        assert torch.equal(out[0], out[1]) and torch.equal(out[2], out[3]) and not torch.equal(out[0], out[2])
+    assert len(llm_calls) == 1  # the LLM never ran on the per-call path
+
+
+def test_repeated_timestep_is_reused(parts):
+    connector, encoder, _ = parts
+    cond = Conditioner(connector, encoder)
+    first = cond(["cat", "dog"], 500.0)
+    again = cond(["dog", "cat"], torch.tensor([500.0, 500.0]))
+    assert cond.tsc_passes == 1
+    assert torch.equal(again[0], first[1]) and torch.equal(again[1], first[0])
+    mixed = cond(["cat", "dog"], torch.tensor([500.0, 250.0]))  # only the new pair is computed
+    assert cond.tsc_passes == 2 and cond.tsc_pairs == 3
+    assert torch.equal(mixed[0], first[0])
+
+
+def test_precompute_covers_a_schedule(parts, tiny_t5_dir):
+    connector, encoder, _ = parts
+    schedule = [999.0, 850.25, 700.5, 420.0, 100.0, 0.0]
+    cond = Conditioner(connector, encoder)
+    cond.precompute(schedule, texts=["cat", "dog"])
+    passes = cond.tsc_passes
+    assert passes == 1 and cond.tsc_pairs == 12
+    for t in schedule:
+        out = cond(["cat", "dog"], t)
+        torch.testing.assert_close(out[1].double(), expected_row(connector, tiny_t5_dir, "dog", t), **TOL)
+    assert cond.tsc_passes == passes
+
+
+def test_new_text_mid_generation_is_encoded(parts, tiny_t5_dir):
+    """Prompt editing switches the text at a step: the new text is encoded once and rows stay right."""
+    connector, encoder, llm_calls = parts
+    cond = Conditioner(connector, encoder)
+    cond(["a cat"], 900.0)
+    out = cond(["a cat on a long wooden bench in the park", "a cat"], 300.0)
+    assert len(llm_calls) == 2
+    torch.testing.assert_close(out[0].double(),
+                               expected_row(connector, tiny_t5_dir, "a cat on a long wooden bench in the park", 300.0),
+                               **TOL)
+    torch.testing.assert_close(out[1].double(), expected_row(connector, tiny_t5_dir, "a cat", 300.0), **TOL)
+
+
+def test_cache_is_bounded_and_release_frees(parts):
+    connector, encoder, _ = parts
+    cond = Conditioner(connector, encoder, cache_entries=4)
+    for t in range(10):
+        cond(["cat"], float(t))
+    assert len(cond._pairs) == 4
+    cond.release()
+    assert cond._features is None and not cond._pairs
+
+
+def test_errors(parts, tiny_connector_file):
+    connector, encoder, _ = parts
+    cond = Conditioner(connector, encoder)
+    with pytest.raises(InputError):
+        cond([], 1.0)
+    with pytest.raises(InputError):
+        cond("cat", 1.0)
+    with pytest.raises(InputError, match="3 timesteps for 2 rows"):
+        cond(["a", "b"], [1.0, 2.0, 3.0])
+    from ella_ext.connector import Connector, ConnectorConfig
+
+    wide = Connector(ConnectorConfig(time_channels=8, time_embed_dim=8, width=8, layers=1, heads=2, num_latents=2,
+                                     input_dim=2048))
+    with pytest.raises(TextEncoderError, match="reads 2048-wide"):
+        Conditioner(wide, encoder)
+
+
+def test_concat_with_clip():
+    ella = torch.ones(2, 64, 768)
+    clip = torch.zeros(2, 77, 768, dtype=torch.float16)
+    both = concat_with_clip(ella, clip)
+    assert both.shape == (2, 141, 768) and both.dtype == torch.float16
+    assert bool((both[:, :64] == 1).all()) and bool((both[:, 64:] == 0).all())
+    last = concat_with_clip(ella, clip, ella_first=False)
+    assert bool((last[:, 77:] == 1).all()) and bool((last[:, :77] == 0).all())
+    with pytest.raises(InputError, match="width"):
+        concat_with_clip(ella, torch.zeros(2, 77, 1024))

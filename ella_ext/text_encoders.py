@@ -247,16 +247,21 @@ def _load_config(path_or_id: str):
             f"No text encoder found at {path_or_id!r} ({exc}). Put the model folder (with config.json) in "
             "models/ELLA/text_encoders, or give a Hugging Face hub id; offline, the model must be in the hub cache."
         ) from exc
-    except ValueError as exc:
-        raise TextEncoderError(f"{path_or_id!r} does not hold a usable model config.json ({exc}).") from exc
+    except (ValueError, KeyError) as exc:
+        import transformers
+
+        raise TextEncoderError(
+            f"{path_or_id!r} does not hold a model config.json that transformers {transformers.__version__} can read "
+            f"({exc!r}); if its model type is newer than this transformers, update transformers."
+        ) from exc
 
 
 def _load_tokenizer(path_or_id: str, model_type: str):
     import transformers
 
     try:
-        if model_type in ("t5", "mt5"):
-            tokenizer = transformers.T5Tokenizer.from_pretrained(path_or_id)  # the reference's tokenizer
+        if model_type in T5_FAMILY:  # the reference's tokenizer class; mT5 and UMT5 ship the same kind
+            tokenizer = transformers.T5Tokenizer.from_pretrained(path_or_id)
         else:
             tokenizer = transformers.AutoTokenizer.from_pretrained(path_or_id)
     except (OSError, ValueError, ImportError) as exc:

@@ -172,3 +172,34 @@ def test_precision_policy():
     assert default_dtype(torch.device("cuda")) == torch.float16
     assert default_dtype(torch.device("cpu")) == torch.float32
     assert default_dtype(torch.device("mps")) == torch.float32
+
+
+def test_umt5_encoder(tmp_path):
+    import transformers
+
+    if not hasattr(transformers, "UMT5EncoderModel"):  # transformers 4.30.2 (A1111 1.10) predates UMT5
+        import json
+
+        folder = tmp_path / "umt5-config-only"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": "umt5", "d_model": 8}))
+        with pytest.raises(TextEncoderError, match="update transformers"):
+            load_text_encoder(folder)
+        return
+    from transformers import T5Tokenizer, UMT5EncoderModel
+
+    from .tiny_llms import make_umt5
+
+    folder = make_umt5(tmp_path / "tiny-umt5")
+    encoder = load_text_encoder(folder)
+    assert type(encoder.model).__name__ == "UMT5EncoderModel"
+    features, mask = encoder.encode(TEXTS[:2], max_length=None)
+    tokenizer = T5Tokenizer.from_pretrained(str(folder))
+    model = UMT5EncoderModel.from_pretrained(str(folder)).eval()
+    for row, text in enumerate(TEXTS[:2]):
+        tokens = tokenizer([text], return_tensors="pt")
+        with torch.no_grad():
+            alone = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state[0]
+        n = alone.shape[0]
+        assert int(mask[row].sum()) == n
+        torch.testing.assert_close(features[row, :n], alone, atol=1e-5, rtol=1e-5)

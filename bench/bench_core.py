@@ -19,6 +19,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -81,6 +82,25 @@ def check_agreement(ours, reference, config, device, dtype, report):
            f"flexible {flex_err:.2e}\n")
 
 
+def check_precision(ours, config, device, dtype, report):
+    """The TSC in ``dtype`` against the same weights in fp32, on the same inputs."""
+    if dtype == torch.float32:
+        return
+    full = Connector(config)
+    full.load_state_dict(ours.state_dict())
+    full = full.to(device, torch.float32).eval()
+    features, mask, _ = text_batch(4, config, device, torch.float32)
+    t = torch.tensor([999.0, 500.5, 20.0, 1.0], device=device)
+    with torch.inference_mode():
+        for label, m in (("fixed", None), ("flexible", mask)):
+            ref = full(features, t, m)
+            low = ours(features.to(dtype), t, m).float()
+            rel = ((low - ref).norm() / ref.norm()).item()
+            report(f"{dtype} vs fp32 ({label}): max |diff| {(low - ref).abs().max().item():.2e}, "
+                   f"relative L2 error {rel:.2e}, output mean |x| {ref.abs().mean().item():.3f}")
+    report("")
+
+
 def bench_tsc(ours, reference, config, device, dtype, run, report):
     report("| rows | ours fixed (ms) | reference fixed (ms) | ours flexible, batched (ms) | reference flexible, "
            "row loop (ms) | flexible speed-up |")
@@ -89,10 +109,10 @@ def bench_tsc(ours, reference, config, device, dtype, run, report):
         features, mask, lengths = text_batch(rows, config, device, dtype)
         t = torch.tensor([500.0], device=device)
         with torch.inference_mode():
-            ours_fixed = run(lambda: ours(features, t))
-            ref_fixed = run(lambda: reference(features, t))
-            ours_flex = run(lambda: ours(features, t, mask))
-            ref_flex = run(lambda: reference.flexible(features, lengths, t))
+            ours_fixed = run(partial(ours, features, t))
+            ref_fixed = run(partial(reference, features, t))
+            ours_flex = run(partial(ours, features, t, mask))
+            ref_flex = run(partial(reference.flexible, features, lengths, t))
         report(f"| {rows} | {ours_fixed:.2f} | {ref_fixed:.2f} | {ours_flex:.2f} | {ref_flex:.2f} | "
                f"{ref_flex / ours_flex:.1f}x |")
     report("")
@@ -113,6 +133,20 @@ class _FeatureEncoder:
         return self.features[index], self.mask[index]
 
 
+def _ours_generation(ours, encoder, texts, schedule, precompute):
+    cond = Conditioner(ours, encoder, max_length=None)
+    cond.prepare(texts)
+    if precompute:
+        cond.precompute(schedule)
+    for t in schedule:
+        cond(texts, t)
+
+
+def _reference_generation(reference, features, lengths, schedule):
+    for t in schedule:
+        reference.flexible(features, lengths, torch.tensor([t], device=features.device))
+
+
 def bench_generation(ours, reference, config, device, dtype, run, report):
     schedule = torch.linspace(999, 0, STEPS).tolist()
     report(f"| rows per call (cond+uncond) | ours, {STEPS} calls (ms) | ours with precompute (ms) | reference way, "
@@ -124,24 +158,10 @@ def bench_generation(ours, reference, config, device, dtype, run, report):
         texts = [f"prompt {i}" for i in range(batch)] + [f"negative {i}" for i in range(batch)]
         features, mask, lengths = text_batch(rows, config, device, dtype, seed=rows)
         encoder = _FeatureEncoder(features, mask, texts)
-
-        def ours_run(precompute=False):
-            cond = Conditioner(ours, encoder, max_length=None)
-            cond.prepare(texts)
-            if precompute:
-                cond.precompute(schedule)
-            for t in schedule:
-                cond(texts, t)
-
-        def reference_run():
-            for t in schedule:
-                step = torch.tensor([t], device=device)
-                reference.flexible(features, lengths, step)
-
         with torch.inference_mode():
-            ours_ms = run(ours_run)
-            pre_ms = run(lambda: ours_run(precompute=True))
-            ref_ms = run(reference_run)
+            ours_ms = run(partial(_ours_generation, ours, encoder, texts, schedule, False))
+            pre_ms = run(partial(_ours_generation, ours, encoder, texts, schedule, True))
+            ref_ms = run(partial(_reference_generation, reference, features, lengths, schedule))
         results[rows] = ours_ms / STEPS
         report(f"| {rows} | {ours_ms:.1f} | {pre_ms:.1f} | {ref_ms:.1f} | {ours_ms / STEPS:.2f} | "
                f"{ref_ms / STEPS:.2f} |")
@@ -166,10 +186,9 @@ def bench_llm(device, dtype, run, report):
     for rows in (2, 8):
         ids = torch.randint(0, 32000, (rows, 128), device=device)
         with torch.inference_mode():
-            ms = run(lambda ids=ids: model(input_ids=ids).last_hidden_state)
+            ms = run(partial(model, input_ids=ids))
         report(f"| {rows} rows | {ms:.1f} |")
     report("")
-    del model
 
 
 def bench_unet(device, dtype, run, report, per_call):
@@ -191,7 +210,7 @@ def bench_unet(device, dtype, run, report, per_call):
         ctx = torch.randn(rows, 64, 768, device=device, dtype=dtype)
         t = torch.full((rows,), 500.0, device=device)
         with torch.inference_mode():
-            ms = run(lambda x=x, t=t, ctx=ctx: unet(x, t, encoder_hidden_states=ctx).sample)
+            ms = run(partial(unet, x, t, encoder_hidden_states=ctx))
         report(f"| {rows} | {ms:.1f} | {per_call[rows]:.2f} | {100 * per_call[rows] / ms:.1f}% |")
     report("")
 
@@ -203,10 +222,13 @@ def main():
                         help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (median reported)")
     parser.add_argument("--skip-llm", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--unet", action="store_true", help="time the SD 1.5 UNet yardstick (default on CUDA)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
         args.dtype, torch.float16 if device.type == "cuda" else torch.float32)
     repeats = args.repeats or (30 if device.type == "cuda" else 5)
@@ -225,6 +247,7 @@ def main():
 
     ours, reference, config = make_models(device, dtype)
     check_agreement(ours, reference, config, device, dtype, report)
+    check_precision(ours, config, device, dtype, report)
     report("### TSC per call (one timestep, 128-token features; flexible rows 12..119 real tokens)\n")
     bench_tsc(ours, reference, config, device, dtype, run, report)
     report(f"### One generation's conditioning: {STEPS} steps, cond+uncond, flexible length\n")

@@ -16,7 +16,8 @@ from ella_ext.errors import ConnectorLoadError, InputError
 from .conftest import TINY, make_connector
 from .reference_tsc import reference_tsc
 
-OFFICIAL_KEYS = Path(__file__).resolve().parents[2] / "shared" / "ella-sd15-tsc-t5xl.keys.json"
+# The official file's tensor names and shapes (a copy of the team's shared/ella-sd15-tsc-t5xl.keys.json).
+OFFICIAL_KEYS = Path(__file__).resolve().parent / "data" / "ella-sd15-tsc-t5xl.keys.json"
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 

@@ -188,9 +188,9 @@ def test_umt5_encoder(tmp_path):
         return
     from transformers import T5Tokenizer, UMT5EncoderModel
 
-    from .tiny_llms import make_umt5
+    from .tiny_llms import make_t5
 
-    folder = make_umt5(tmp_path / "tiny-umt5")
+    folder = make_t5(tmp_path / "tiny-umt5", family="umt5")
     encoder = load_text_encoder(folder)
     assert type(encoder.model).__name__ == "UMT5EncoderModel"
     features, mask = encoder.encode(TEXTS[:2], max_length=None)

@@ -39,21 +39,25 @@ def train_sentencepiece(path: Path, vocab_size: int = 120, model_type: str = "un
     return path
 
 
-def make_t5(folder: Path, hidden: int = HIDDEN, seed: int = 0) -> Path:
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+def make_t5(folder: Path, hidden: int = HIDDEN, seed: int = 0, family: str = "t5") -> Path:
+    """A tiny T5-family encoder: ``family`` "t5" (T5EncoderModel) or "umt5" (UMT5, transformers 4.32 or later)."""
+    import transformers
 
+    config_class, model_class = {"t5": ("T5Config", "T5EncoderModel"), "umt5": ("UMT5Config", "UMT5EncoderModel")}[
+        family]
     folder.mkdir(parents=True, exist_ok=True)
     train_sentencepiece(folder / "spiece.model")
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "T5Tokenizer", "extra_ids": 100, "model_max_length": 512, "eos_token": "</s>",
          "unk_token": "<unk>", "pad_token": "<pad>"}))
-    tokenizer = T5Tokenizer.from_pretrained(str(folder))
-    config = T5Config(vocab_size=len(tokenizer), d_model=hidden, d_kv=8, d_ff=48, num_layers=2, num_heads=2,
-                      relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
-                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
-                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    tokenizer = transformers.T5Tokenizer.from_pretrained(str(folder))
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), d_model=hidden, d_kv=8, d_ff=48, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     torch.manual_seed(seed)
-    T5EncoderModel(config).save_pretrained(str(folder), safe_serialization=True)
+    getattr(transformers, model_class)(config).save_pretrained(str(folder), safe_serialization=True)
     return folder
 
 
@@ -73,20 +77,3 @@ def make_llama(folder: Path, hidden: int = HIDDEN, seed: int = 0) -> Path:
     LlamaForCausalLM(config).save_pretrained(str(folder), safe_serialization=True)
     return folder
 
-
-def make_umt5(folder: Path, hidden: int = HIDDEN, seed: int = 0) -> Path:
-    """A tiny UMT5 encoder (needs a transformers with UMT5, 4.32 or later)."""
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    folder.mkdir(parents=True, exist_ok=True)
-    train_sentencepiece(folder / "spiece.model")
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 512, "eos_token": "</s>",
-         "unk_token": "<unk>", "pad_token": "<pad>"}))
-    config = UMT5Config(vocab_size=128, d_model=hidden, d_kv=8, d_ff=48, num_layers=2, num_heads=2,
-                        relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
-                        is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
-                        decoder_start_token_id=0)
-    torch.manual_seed(seed)
-    UMT5EncoderModel(config).save_pretrained(str(folder), safe_serialization=True)
-    return folder

@@ -8,8 +8,8 @@ configuration is read from the tensor shapes; only the head count cannot be read
 can be given as an argument or in the file's safetensors metadata under ``ella.heads`` (see README).
 
 The arithmetic is the reference's, arranged for fewer, larger kernels per call:
-- the time embedding and every adaptive-LayerNorm modulation of every block come from ONE matrix product per
-  call over the (few) distinct timesteps;
+- every adaptive-LayerNorm modulation of every block (and the latents' time shift) comes from ONE matrix product
+  per call, for one timestep or one per row;
 - the text features are projected and normalised once per call (the reference normalises them again in every
   block: the result is the same because the text features are not updated between blocks);
 - attention runs through ``scaled_dot_product_attention`` with an optional mask of the real text positions, so a
@@ -104,6 +104,13 @@ class ConnectorConfig:
                 f"This is not an ELLA connector: it lacks {', '.join(absent)}. Pick an ELLA TSC file such as "
                 "ella-sd1.5-tsc-t5xl.safetensors."
             )
+        flat = [k for k in (*required, "connector.proj_in.weight", "connector.proj_out.0.weight")
+                if k in shapes and len(shapes[k]) != 2]
+        if flat:
+            raise ConnectorLoadError(
+                f"This is not an ELLA connector: {', '.join(flat)} should be 2-D matrices. Pick an ELLA TSC file such "
+                "as ella-sd1.5-tsc-t5xl.safetensors."
+            )
         layers = sum(1 for k in shapes if _BLOCK_KEY.match(k))
         proj_in = shapes.get("connector.proj_in.weight")
         proj_out = shapes.get("connector.proj_out.0.weight")
@@ -195,7 +202,7 @@ class Connector(nn.Module):
         self.time_embedding = _TimeEmbedding(cfg.time_channels, cfg.time_embed_dim)
         self.connector = _Resampler(cfg)
         self._fused: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
-        self.register_buffer("_frequencies", _sinusoid_frequencies(cfg.time_channels), persistent=False)
+        self._frequencies: dict[torch.device, torch.Tensor] = {}  # fp32 always: not a buffer, so .half() skips it
 
     # -- parameters -------------------------------------------------------------------------------------------
 
@@ -209,6 +216,8 @@ class Connector(nn.Module):
         """All timestep-driven linears stacked into one weight; rebuilt only when a parameter changed."""
         layers = self._modulation_layers()
         params = [p for layer in layers for p in (layer.weight, layer.bias)]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):  # training: keep the autograd graph
+            return torch.cat([layer.weight for layer in layers]), torch.cat([layer.bias for layer in layers])
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         if self._fused is None or self._fused[0] != key:
             with torch.no_grad():
@@ -233,7 +242,11 @@ class Connector(nn.Module):
 
     def time_features(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Sinusoidal features of fractional DDPM timesteps, cos first, computed in fp32 as the reference does."""
-        args = timesteps.to(torch.float32)[:, None] * self._frequencies.to(timesteps.device)[None]
+        frequencies = self._frequencies.get(timesteps.device)
+        if frequencies is None:
+            frequencies = _sinusoid_frequencies(self.config.time_channels).to(timesteps.device)
+            self._frequencies[timesteps.device] = frequencies
+        args = timesteps.to(torch.float32)[:, None] * frequencies[None]
         features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if self.config.time_channels % 2:
             features = F.pad(features, (0, 1))
@@ -306,7 +319,10 @@ class Connector(nn.Module):
                 "pick the text encoder the connector was trained with."
             )
         if batch == 0 or tokens == 0:
-            raise InputError(f"The connector got an empty batch of features {tuple(features.shape)}.")
+            raise InputError(
+                f"The connector got no features to read {tuple(features.shape)}: every row needs at least one token "
+                "(T5 always gives the EOS token, even for an empty prompt)."
+            )
         timesteps = torch.as_tensor(timesteps, dtype=torch.float32, device=features.device).reshape(-1)
         if timesteps.shape[0] not in (1, batch):
             raise InputError(
@@ -441,7 +457,6 @@ def load_connector(
     with torch.device("meta"):
         model = Connector(config)
     model.load_state_dict(state, strict=True, assign=True)
-    model._frequencies = _sinusoid_frequencies(config.time_channels)
     model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
     return model.eval()

@@ -18,7 +18,8 @@ def sinusoid(timesteps: torch.Tensor, channels: int) -> torch.Tensor:
     half = channels // 2
     exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32) / half
     args = timesteps.float()[:, None] * torch.exp(exponent)[None, :]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(features, (0, 1)) if channels % 2 else features  # odd widths: a zero column last
 
 
 def ada_norm(x, emb, weight, bias):

@@ -14,7 +14,7 @@ from ella_ext.connector import Connector, ConnectorConfig, init_random, read_con
 from ella_ext.errors import ConnectorLoadError, InputError
 
 from .conftest import TINY, make_connector
-from .reference_tsc import reference_tsc
+from .reference_tsc import reference_tsc, sinusoid
 
 # The official file's tensor names and shapes (a copy of the team's shared/ella-sd15-tsc-t5xl.keys.json).
 OFFICIAL_KEYS = Path(__file__).resolve().parent / "data" / "ella-sd15-tsc-t5xl.keys.json"
@@ -158,6 +158,9 @@ def test_not_a_connector(tmp_path):
     save_file({"weight": torch.zeros(2)}, str(path))
     with pytest.raises(ConnectorLoadError, match="not an ELLA connector"):
         load_connector(path)
+    flat = _save_variant(tmp_path, lambda s: s.__setitem__("connector.latents", torch.zeros(64)))
+    with pytest.raises(ConnectorLoadError, match="connector.latents should be 2-D"):
+        load_connector(flat)
 
 
 def test_missing_corrupt_and_pickle_files(tmp_path, tiny_connector_file):
@@ -203,15 +206,44 @@ def test_fused_weights_follow_parameter_changes(tiny_connector_file):
                                **TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_time_features_stay_fp32(tiny_connector_file, dtype):
+    """diffusers computes the sinusoid in fp32 whatever the model's dtype; so must we (before the time MLP)."""
+    model = load_connector(tiny_connector_file, dtype=dtype)
+    t = torch.tensor([0.0, 1.5, 412.37, 999.0])
+    assert torch.equal(model.time_features(t), sinusoid(t, TINY.time_channels))
+    model.half()
+    assert torch.equal(model.time_features(t), sinusoid(t, TINY.time_channels))
+
+
+def test_half_precision_against_the_reference(tiny_connector_file):
+    """fp16 TSC vs the fp64 reference on the same fp16-rounded weights: only fp16 arithmetic error remains."""
+    half = load_connector(tiny_connector_file, dtype=torch.float16)
+    x = features(3, 9).half()
+    t = torch.tensor([999.0, 500.25, 3.0])
+    out = half(x, t).double()
+    ref = reference_tsc(state_of(half), x, t, TINY.heads)
+    assert ((out - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_odd_time_channels(tmp_path):
+    cfg = ConnectorConfig(time_channels=15, time_embed_dim=16, width=16, layers=1, heads=2, num_latents=4,
+                          input_dim=12)
+    model = init_random(Connector(cfg), torch.Generator().manual_seed(5), std=0.3)
+    x = features(2, 5, width=12)
+    t = torch.tensor([17.0, 930.5])
+    torch.testing.assert_close(model(x, t).double(), reference_tsc(state_of(model), x, t, 2), **TOL)
+
+
 def test_dtype_move_and_half_precision(tiny_connector_file):
     """Low precision computes what fp32 computes with the same (rounded) weights, to within its resolution."""
     x = features(2, 5)
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype, tolerance in ((torch.bfloat16, 0.03), (torch.float16, 0.005)):  # bf16 keeps 8 bits, fp16 11
         low = load_connector(tiny_connector_file, dtype=dtype)
         out = low(x, 640.0)  # float32 features are cast to the module's dtype
         assert out.dtype == dtype
         same_weights = load_connector(tiny_connector_file, dtype=dtype).float()
         ref = same_weights(x.to(dtype).float(), 640.0)
-        assert ((out.float() - ref).norm() / ref.norm()) < 0.01
+        assert ((out.float() - ref).norm() / ref.norm()) < tolerance
     model = load_connector(tiny_connector_file).to(torch.float64)
     assert model(x.double(), 640.0).dtype == torch.float64

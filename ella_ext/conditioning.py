@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 
 from .errors import InputError
+
+log = logging.getLogger("ella")
 
 TSC_CHUNK = 256  # pairs per TSC pass in precompute(), to bound activation memory
 
@@ -32,7 +35,7 @@ class Conditioner:
         self._features: torch.Tensor | None = None  # [texts, S, D] on the connector's device
         self._mask: torch.Tensor | None = None
         self._lengths: list[int] = []  # real tokens per text, kept on the host so no call has to sync for it
-        self._rows: dict[tuple[str, ...], tuple[list[int], torch.Tensor]] = {}
+        self._rows: dict[tuple[str, ...], list[int]] = {}
         self._pairs: OrderedDict[tuple[int, float], torch.Tensor] = OrderedDict()
         self.tsc_passes = 0  # how many TSC passes ran: for tests and benchmarks
         self.tsc_pairs = 0
@@ -56,15 +59,13 @@ class Conditioner:
         self._lengths += mask.sum(dim=1).tolist()
         self._rows.clear()
 
-    def _row_map(self, texts: Sequence[str]) -> tuple[list[int], torch.Tensor]:
-        """For a tuple of row texts: their text indices, and the same as a tensor on the device (memoised)."""
+    def _row_map(self, texts: Sequence[str]) -> list[int]:
+        """The text index of each row (memoised per tuple of row texts)."""
         key = tuple(texts)
         found = self._rows.get(key)
         if found is None:
             self.prepare(key)
-            indices = [self._index[t] for t in key]
-            found = (indices, torch.tensor(indices, device=self.connector.device))
-            self._rows[key] = found
+            found = self._rows[key] = [self._index[t] for t in key]
         return found
 
     # -- per call ------------------------------------------------------------------------------------------------------
@@ -75,11 +76,13 @@ class Conditioner:
             raise InputError("The conditioner takes a non-empty list of texts, one per row.")
         rows = len(texts)
         steps = _as_floats(timesteps, rows)
-        text_rows, _ = self._row_map(texts)
-        keys = list(zip(text_rows, steps))
+        keys = list(zip(self._row_map(texts), steps))
         unique = list(dict.fromkeys(keys))
-        self._compute([k for k in unique if k not in self._pairs])
-        results = torch.stack([self._remember(k) for k in unique])
+        for key in unique:  # refresh what is cached before anything new can evict it
+            if key in self._pairs:
+                self._pairs.move_to_end(key)
+        self._compute([k for k in unique if k not in self._pairs], keep=len(unique))
+        results = torch.stack([self._pairs[k] for k in unique])
         if len(unique) == rows:
             return results
         position = {k: i for i, k in enumerate(unique)}
@@ -92,10 +95,16 @@ class Conditioner:
         indices = [self._index[t] for t in texts] if texts is not None else list(self._index.values())
         steps = _as_floats(timesteps, None)
         pairs = [(i, t) for t in dict.fromkeys(steps) for i in dict.fromkeys(indices) if (i, t) not in self._pairs]
+        if len(self._pairs) + len(pairs) > self.cache_entries:
+            log.info("ELLA: raising the conditioner's cache from %d to %d pairs to hold the precomputed schedule",
+                     self.cache_entries, len(self._pairs) + len(pairs))
+            self.cache_entries = len(self._pairs) + len(pairs)
         for start in range(0, len(pairs), TSC_CHUNK):
             self._compute(pairs[start : start + TSC_CHUNK])
 
-    def _compute(self, pairs: list[tuple[int, float]]) -> None:
+    def _compute(self, pairs: list[tuple[int, float]], keep: int = 0) -> None:
+        """Run one TSC pass over ``pairs`` and cache the rows; evict the oldest beyond the bound, but never the
+        ``keep`` most recent entries (the current call's)."""
         if not pairs:
             return
         device = self.connector.device
@@ -112,12 +121,8 @@ class Conditioner:
         self.tsc_pairs += len(pairs)
         for key, row in zip(pairs, out.unbind(0)):
             self._pairs[key] = row
-        while len(self._pairs) > self.cache_entries:
+        while len(self._pairs) > max(self.cache_entries, keep):
             self._pairs.popitem(last=False)
-
-    def _remember(self, key: tuple[int, float]) -> torch.Tensor:
-        self._pairs.move_to_end(key)
-        return self._pairs[key]
 
     def release(self) -> None:
         """Drop everything this generation holds (call after the generation)."""
@@ -129,12 +134,13 @@ class Conditioner:
 
 
 def _as_floats(timesteps, rows: int | None) -> list[float]:
+    """Timesteps as Python floats rounded through float32 (the TSC's precision), so that 412.37 given as a number
+    and as a float32 tensor are the same cache key. A tensor on the GPU is read back once (one sync)."""
     if isinstance(timesteps, torch.Tensor):
         values = timesteps.detach().float().reshape(-1).cpu().tolist()
-    elif isinstance(timesteps, (int, float)):
-        values = [float(timesteps)]
     else:
-        values = [float(t) for t in timesteps]
+        numbers = [timesteps] if isinstance(timesteps, (int, float)) else list(timesteps)
+        values = torch.tensor(numbers, dtype=torch.float32).tolist()
     if rows is not None:
         if len(values) == 1:
             values = values * rows

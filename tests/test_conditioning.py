@@ -96,6 +96,35 @@ def test_new_text_mid_generation_is_encoded(parts, tiny_t5_dir):
     torch.testing.assert_close(out[1].double(), expected_row(connector, tiny_t5_dir, "a cat", 300.0), **TOL)
 
 
+def test_eviction_never_drops_what_the_call_needs(parts):
+    connector, encoder, _ = parts
+    cond = Conditioner(connector, encoder, cache_entries=2)
+    cond(["cat"], 1.0)
+    cond(["cat"], 2.0)
+    out = cond(["cat", "cat"], [1.0, 3.0])  # one cached pair, one new: the new one must not evict the cached one
+    torch.testing.assert_close(out[0], cond(["cat"], 1.0)[0])
+    wide = cond(["cat", "dog", "cat", "dog"], [5.0, 5.0, 6.0, 6.0])  # more new pairs than the cache holds
+    assert wide.shape[0] == 4 and not torch.equal(wide[0], wide[2])
+
+
+def test_timestep_keys_round_through_fp32(parts):
+    connector, encoder, _ = parts
+    cond = Conditioner(connector, encoder)
+    cond.precompute([412.37], texts=["cat"])
+    cond(["cat"], torch.tensor([412.37]))
+    cond(["cat"], 412.37)
+    assert cond.tsc_passes == 1
+
+
+def test_precompute_larger_than_the_cache_keeps_it_all(parts):
+    connector, encoder, _ = parts
+    cond = Conditioner(connector, encoder, cache_entries=4)
+    cond.precompute([float(t) for t in range(10)], texts=["cat"])
+    for t in range(10):
+        cond(["cat"], float(t))
+    assert cond.tsc_passes == 1
+
+
 def test_cache_is_bounded_and_release_frees(parts):
     connector, encoder, _ = parts
     cond = Conditioner(connector, encoder, cache_entries=4)

@@ -135,10 +135,10 @@ class TextEncoder:
             raise InputError(f"max_length must be a positive whole number or None (flexible); got {max_length!r}.")
         with self._lock:
             rows = self._cached_rows(texts, max_length)
-        return _stack(rows)
+        return _stack(rows, self.device)
 
     def _cached_rows(self, texts: list[str], max_length: int | None) -> list[tuple[torch.Tensor, int]]:
-        keys = {text: (self.name, text, max_length) for text in texts}
+        keys = {text: (self.name, str(self.dtype), self.layer, text, max_length) for text in texts}
         found = {text: self.cache.get(key) for text, key in keys.items()}
         missing = [text for text, value in found.items() if value is None]
         if missing:
@@ -168,7 +168,7 @@ class TextEncoder:
             features = self._run_fp32_fallback(batch)
         lengths = batch.attention_mask.sum(dim=1).tolist()
         if max_length is not None:  # fixed: keep the padding positions, the reference's TSC reads them
-            return list(zip(features.unbind(0), lengths))
+            return [(row.clone(), length) for row, length in zip(features.unbind(0), lengths)]
         return [(row[:length].clone(), length) for row, length in zip(features.unbind(0), lengths)]
 
     def _run(self, batch: _Batch) -> torch.Tensor:
@@ -191,13 +191,14 @@ class TextEncoder:
         return hidden.float()
 
     def _run_fp32_fallback(self, batch: _Batch) -> torch.Tensor:
-        dtype = self.dtype
-        log.warning("ELLA: %s gave non-finite features in %s; recomputing this batch in fp32.", self.name, dtype)
+        log.warning("ELLA: %s gave non-finite features in %s; recomputing this batch in fp32.", self.name, self.dtype)
+        dtypes = {name: t.dtype for name, t in _tensors(self.model)}
         try:
             self.model.float()
             features = self._run(batch)
         finally:
-            _restore_dtype(self.model, dtype)
+            for name, tensor in _tensors(self.model):
+                tensor.data = tensor.data.to(dtypes[name])
         if not torch.isfinite(features).all():
             raise TextEncoderError(
                 f"The text encoder {self.name} gives non-finite features even in fp32: its weights are probably "
@@ -206,24 +207,18 @@ class TextEncoder:
         return features
 
 
-def _restore_dtype(model, dtype: torch.dtype) -> None:
-    """Back to ``dtype``, keeping the modules transformers keeps in fp32 (T5's ``wo``) in fp32."""
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    for name, module in model.named_modules():
-        if keep and any(part in keep for part in name.split(".")):
-            continue
-        for param in module.parameters(recurse=False):
-            param.data = param.data.to(dtype)
+def _tensors(model):
+    yield from model.named_parameters()
+    yield from model.named_buffers()
 
 
-def _stack(rows: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _stack(rows: list[tuple[torch.Tensor, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(row.shape[0] for row, _ in rows)
-    first = rows[0][0]
-    features = first.new_zeros(len(rows), length, first.shape[-1])
+    features = torch.zeros(len(rows), length, rows[0][0].shape[-1], device=device)
     for i, (row, _) in enumerate(rows):  # once per generation per new text, never on the per-call path
-        features[i, : row.shape[0]] = row
-    real = torch.tensor([n for _, n in rows], device=first.device)
-    mask = torch.arange(length, device=first.device)[None, :] < real[:, None]
+        features[i, : row.shape[0]] = row.to(device)
+    real = torch.tensor([n for _, n in rows], device=device)
+    mask = torch.arange(length, device=device)[None, :] < real[:, None]
     return features, mask
 
 
@@ -328,7 +323,9 @@ def load_text_encoder(
     model = _load_model(name, config, dtype)
     model.requires_grad_(False)
     model.eval()
-    model.to(device)
+    # Every weight in the chosen dtype, as the reference runs T5 (``.to(device, dtype=torch.float16)``). transformers
+    # may keep T5's ``wo`` in fp32 (only when accelerate is installed); the non-finite fallback covers overflow.
+    model.to(device=device, dtype=dtype)
     is_t5 = config.model_type in T5_FAMILY
     log.info("ELLA: loaded text encoder %s (%s, %s) on %s", name, config.model_type, dtype, device)
     return TextEncoder(model, tokenizer, name, layer=None if is_t5 else layer, cache=cache)

@@ -25,7 +25,10 @@ class TimestepSchedule:
     def __init__(self, sigmas: torch.Tensor):
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
         if sigmas.numel() < 2 or not bool((sigmas[1:] > sigmas[:-1]).all()) or not bool((sigmas > 0).all()):
-            raise InputError("A timestep schedule needs at least two positive sigmas, strictly ascending.")
+            raise InputError(
+                "A timestep schedule needs at least two positive sigmas, strictly ascending: pass the model's "
+                "alphas_cumprod (decreasing from near 1) or its sigmas in ascending order."
+            )
         self.sigmas = sigmas
         self.log_sigmas = sigmas.log()
 
@@ -52,6 +55,9 @@ class TimestepSchedule:
     def sigma(self, timestep: torch.Tensor | float) -> torch.Tensor:
         """Inverse of ``timestep`` (log-linear between the discrete entries)."""
         timestep = torch.as_tensor(timestep, dtype=torch.float32)
+        last = self.log_sigmas.shape[0] - 1
+        if bool(((timestep < 0) | (timestep > last)).any()):
+            raise InputError(f"Timesteps run from 0 to {last}; got {timestep.min().item()}..{timestep.max().item()}.")
         log_sigmas = self.log_sigmas.to(timestep.device)
         low, high = timestep.floor().long(), timestep.ceil().long()
         frac = timestep - low

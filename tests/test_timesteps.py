@@ -98,6 +98,13 @@ def test_shape_preserved_and_scalar(denoiser):
     assert schedule.timestep(float(denoiser.sigma_min)).item() == pytest.approx(0.0, abs=1e-4)
 
 
+def test_sigma_of_out_of_range_timestep(denoiser):
+    schedule = TimestepSchedule(denoiser.sigmas)
+    for bad in (-0.5, 999.5, 1500.0):
+        with pytest.raises(InputError, match="0 to 999"):
+            schedule.sigma(bad)
+
+
 def test_bad_schedule():
     with pytest.raises(InputError):
         TimestepSchedule(torch.tensor([1.0]))

@@ -31,6 +31,14 @@ class TimestepSchedule:
             )
         self.sigmas = sigmas
         self.log_sigmas = sigmas.log()
+        self._on_device: dict[torch.device, torch.Tensor] = {sigmas.device: self.log_sigmas}
+
+    def _log_sigmas(self, device: torch.device) -> torch.Tensor:
+        """The schedule on ``device``, copied there once (the per-call path must not copy it every time)."""
+        found = self._on_device.get(device)
+        if found is None:
+            found = self._on_device[device] = self.log_sigmas.to(device)
+        return found
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor) -> TimestepSchedule:
@@ -39,7 +47,7 @@ class TimestepSchedule:
     def timestep(self, sigma: torch.Tensor | float, quantize: bool = False) -> torch.Tensor:
         """Fractional (or, quantised, the nearest discrete) timestep of each sigma; float32, same shape."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32)
-        log_sigmas = self.log_sigmas.to(sigma.device)
+        log_sigmas = self._log_sigmas(sigma.device)
         log_sigma = sigma.log().reshape(-1)
         last = log_sigmas.shape[0] - 1
         # Index of the last schedule entry <= log_sigma (0 when there is none), kept below the final entry.
@@ -58,7 +66,7 @@ class TimestepSchedule:
         last = self.log_sigmas.shape[0] - 1
         if bool(((timestep < 0) | (timestep > last)).any()):
             raise InputError(f"Timesteps run from 0 to {last}; got {timestep.min().item()}..{timestep.max().item()}.")
-        log_sigmas = self.log_sigmas.to(timestep.device)
+        log_sigmas = self._log_sigmas(timestep.device)
         low, high = timestep.floor().long(), timestep.ceil().long()
         frac = timestep - low
         return ((1 - frac) * log_sigmas[low] + frac * log_sigmas[high]).exp()

@@ -152,6 +152,17 @@ def test_errors(parts, tiny_connector_file):
         Conditioner(wide, encoder)
 
 
+def test_half_precision_connector(parts, tiny_connector_file):
+    """An fp16 connector (as on a GPU) with fp32 LLM features: fp16 rows, close to the fp32 conditioner's."""
+    connector, encoder, _ = parts
+    half = load_connector(tiny_connector_file, heads=TINY.heads, dtype=torch.float16)
+    texts, t = ["a red cube", "three cats", ""], [999.0, 500.5, 3.0]
+    low = Conditioner(half, encoder)(texts, t)
+    full = Conditioner(connector, encoder)(texts, t)
+    assert low.dtype == torch.float16 and low.shape == full.shape
+    assert ((low.float() - full).norm() / full.norm()) < 0.02  # fp16 weights and arithmetic, amplified by the toy net
+
+
 def test_concat_with_clip():
     ella = torch.ones(2, 64, 768)
     clip = torch.zeros(2, 77, 768, dtype=torch.float16)

@@ -302,6 +302,12 @@ def _load_model(path_or_id: str, config, dtype: torch.dtype):
         ) from exc
 
 
+def load_tokenizer(path_or_id: str | Path):
+    """Only the tokenizer of an encoder (to count a prompt's tokens without loading the model)."""
+    name = str(path_or_id)
+    return _load_tokenizer(name, _load_config(name).model_type)
+
+
 def load_text_encoder(
     path_or_id: str | Path,
     device: str | torch.device = "cpu",

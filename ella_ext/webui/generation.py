@@ -1,0 +1,248 @@
+"""One WebUI generation with ELLA on: the script hooks' work, and the per-call swap of the host's text context.
+
+The state of a generation lives on the host's processing object ``p`` (attribute ``ella_generation``): the global
+denoiser callback finds it through ``params.denoiser.p`` and does nothing for a generation without it. It is created
+in ``process()`` and dropped in ``postprocess()``.
+
+Host facts (AUTOMATIC1111 v1.10.1, commit 82a973c0):
+- ``modules/processing.py``: per batch, ``p.prompts`` / ``p.negative_prompts`` are set, ``process_batch`` runs after
+  the extra-network tags are parsed out (``p.hr_prompts`` / ``p.hr_negative_prompts`` too, for hires fix); schedules get
+  ``total_steps`` (x2 for second-order samplers), the hires pass ``(first-pass total, hires total)``; the hires pass
+  sets ``p.is_hr_pass`` and samples with a new sampler (a new denoiser whose ``step`` starts at 0).
+- ``modules/sd_samplers_cfg_denoiser.py``: ``text_cond`` holds one row per AND sub-prompt, image by image, and
+  ``text_uncond`` one per image; ``params.sigma`` one value per row of ``params.x`` (cond rows, then uncond rows);
+  the schedule entry is chosen with ``denoiser.step`` (the call counter).
+- ``modules/prompt_parser.py``: SDXL conditioning is a ``DictWithShape`` with ``crossattn`` and ``vector``.
+- ``modules/processing.py`` ``create_infotext``: an ``extra_generation_params`` value may be a callable taking the
+  function's locals (``p`` among them); ``None`` leaves the key out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import options as opts_mod
+from ..conditioning import Conditioner
+from ..errors import ELLAError, InputError
+from ..options import ELLAOptions
+from ..session import PassTexts, assemble, has_controlnet_mark, row_timesteps
+from . import host, settings
+from .loading import Loaded, manager
+
+log = logging.getLogger("ella")
+
+ATTRIBUTE = "ella_generation"
+XYZ_ATTRIBUTE = "ella_xyz"  # overrides set by the XYZ plot's axes
+
+
+@dataclass
+class Generation:
+    options: ELLAOptions
+    loaded: Loaded
+    conditioner: Conditioner
+    passes: dict[bool, PassTexts] = field(default_factory=dict)  # key: is the hires pass
+    marked: dict[tuple[bool, str], bool] = field(default_factory=dict)
+    batch: int = 0
+    failed: dict[int, str] = field(default_factory=dict)  # batch number -> why ELLA stopped in it
+    calls: dict[int, int] = field(default_factory=dict)  # batch number -> calls ELLA conditioned
+
+    # -- info text ---------------------------------------------------------------------------------------------------
+
+    def infotext_value(self, key: str) -> Callable[..., str | None]:
+        """A per-image info-text value: the option while ELLA conditioned that image's batch, else nothing."""
+
+        def value(p=None, **_: Any) -> str | None:
+            batch = getattr(p, "iteration", self.batch)
+            if key == opts_mod.KEY_ERROR:
+                return self.failed.get(batch)
+            if not self.calls.get(batch):
+                return None
+            return self.options.infotext().get(key)
+
+        return value
+
+
+def parse_options(p, args: Sequence[Any]) -> ELLAOptions:
+    """The options for this generation: the script's arguments, then the XYZ plot's overrides."""
+    options = opts_mod.from_script_args(args)
+    overrides = getattr(p, XYZ_ATTRIBUTE, None)
+    return options.replace(**overrides) if overrides else options
+
+
+def start(p, args: Sequence[Any]) -> Generation | None:
+    """``process()``: read the options; if ELLA is on, load the models and attach the generation to ``p``."""
+    try:
+        options = parse_options(p, args)
+    except InputError as err:
+        _report(p, str(err))
+        return None
+    if not options.enabled:
+        return None
+    manager.generation_started()
+    try:
+        width = host.context_width(p.sd_model)
+        loaded = manager.load(options)
+        if loaded.connector.config.out_width != width:
+            raise InputError(
+                f"ELLA: the connector {options.connector} outputs width {loaded.connector.config.out_width}, but this "
+                f"checkpoint's UNet takes {width} (SD 1.5: 768, SD 2: 1024, SDXL: 2048). Pick an SD 1.5 checkpoint "
+                "or a connector made for this one."
+            )
+        conditioner = Conditioner(
+            loaded.connector, loaded.encoder, max_length=options.fixed_length,
+            cache_entries=int(settings.get("ella_tsc_cache")),
+        )
+    except ELLAError as err:
+        manager.generation_finished()
+        _report(p, str(err))
+        return None
+    except Exception as err:  # a bug or an unexpected host: never stop the generation for it
+        manager.generation_finished()
+        log.exception("ELLA: could not start")
+        _report(p, f"ELLA could not start ({type(err).__name__}: {err}); the image uses CLIP.")
+        return None
+    generation = Generation(options, loaded, conditioner)
+    setattr(p, ATTRIBUTE, generation)
+    for key in options.infotext():
+        p.extra_generation_params[key] = generation.infotext_value(key)
+    p.extra_generation_params[opts_mod.KEY_ERROR] = generation.infotext_value(opts_mod.KEY_ERROR)
+    return generation
+
+
+def _report(p, message: str) -> None:
+    log.warning("%s", message)
+    p.extra_generation_params[opts_mod.KEY_ERROR] = message
+
+
+def prepare_batch(p, batch_number: int) -> None:
+    """``process_batch()``: the texts of this batch's passes, all encoded now (the LLM never runs per call)."""
+    generation: Generation | None = getattr(p, ATTRIBUTE, None)
+    if generation is None:
+        return
+    generation.batch = batch_number
+    generation.passes.clear()
+    generation.marked.clear()
+    try:
+        use_old = bool(getattr(getattr(_shared(), "opts", None), "use_old_scheduling", False))
+        first_total = host.total_steps(p.sampler_name, p.steps)
+        generation.passes[False] = _pass_texts(generation.options, p.prompts, p.negative_prompts, first_total, None,
+                                               use_old)
+        if getattr(p, "enable_hr", False) and generation.options.hires and getattr(p, "hr_prompts", None) is not None:
+            hr_sampler = getattr(p, "hr_sampler_name", None) or p.sampler_name
+            hr_total = host.total_steps(hr_sampler, getattr(p, "hr_second_pass_steps", 0) or p.steps)
+            generation.passes[True] = _pass_texts(generation.options, p.hr_prompts, p.hr_negative_prompts,
+                                                  first_total, hr_total, use_old)
+        texts = [t for texts in generation.passes.values() for t in texts.every_text()]
+        with generation.loaded.encoding():
+            generation.conditioner.prepare(texts)
+    except Exception as err:
+        fail(generation, err)
+
+
+def _shared():
+    from modules import shared
+
+    return shared
+
+
+def _pass_texts(options: ELLAOptions, prompts, negatives, steps: int, hires_steps: int | None, use_old: bool):
+    return PassTexts(
+        prompts, negatives, steps, hires_steps,
+        llm_prompt=options.llm_prompt,
+        empty_negative=options.negative == opts_mod.NEGATIVE_EMPTY,
+        use_old_scheduling=use_old,
+    )
+
+
+def fail(generation: Generation, err: BaseException) -> None:
+    """Stop ELLA for the rest of this batch: the host's CLIP context is used, and the info text says why."""
+    batch = generation.batch
+    if isinstance(err, ELLAError):
+        message = str(err)
+        log.warning("%s", message)
+    else:
+        message = f"ELLA failed ({type(err).__name__}: {err})"
+        log.exception("ELLA failed")
+    if generation.calls.get(batch):
+        message += f"; CLIP conditioned this batch from sampler call {generation.calls[batch] + 1} on"
+    else:
+        message += "; this batch uses CLIP"
+    generation.failed[batch] = message
+    generation.passes.clear()
+
+
+def on_denoiser(params, timesteps: Callable[[Any], torch.Tensor]) -> None:
+    """The per-call swap. ``timesteps(params)`` maps the call's sigma column to DDPM timesteps (host-specific)."""
+    denoiser = getattr(params, "denoiser", None)
+    p = getattr(denoiser, "p", None)
+    generation: Generation | None = getattr(p, ATTRIBUTE, None)
+    if generation is None:
+        return
+    hires = bool(getattr(p, "is_hr_pass", False))
+    texts = generation.passes.get(hires)
+    if texts is None:  # ELLA off for this pass, or failed in this batch
+        return
+    try:
+        swap(generation, texts, params, hires, int(getattr(denoiser, "step", 0)), timesteps(params))
+    except Exception as err:
+        fail(generation, err)
+
+
+def swap(generation: Generation, texts: PassTexts, params, hires: bool, step: int, t: torch.Tensor) -> None:
+    cond, uncond = params.text_cond, params.text_uncond
+    cond_tensor = _crossattn(cond)
+    uncond_tensor = None if uncond is None else _crossattn(uncond)
+    uncond_rows = 0 if uncond is None else texts.uncond_rows
+    if cond_tensor.shape[0] != texts.cond_rows or (uncond_tensor is not None and uncond_tensor.shape[0] != uncond_rows):
+        raise InputError(
+            f"ELLA: the sampler has {cond_tensor.shape[0]} prompt rows and "
+            f"{0 if uncond_tensor is None else uncond_tensor.shape[0]} negative rows, expected {texts.cond_rows} and "
+            f"{uncond_rows} (another extension may have changed the batch)"
+        )
+    cond_texts, uncond_texts = texts.at(step)
+    cond_t, uncond_t = row_timesteps(t, texts.counts, uncond_rows)
+    rows = generation.conditioner([*cond_texts, *uncond_texts[:uncond_rows]], torch.cat([cond_t, uncond_t]))
+    with_clip = generation.options.with_clip
+    params.text_cond = _rebuild(cond, assemble(rows[: texts.cond_rows], cond_tensor, with_clip=with_clip,
+                                               marked=_marked(generation, (hires, "cond"), cond_tensor)))
+    if uncond_tensor is not None:
+        params.text_uncond = _rebuild(uncond, assemble(rows[texts.cond_rows :], uncond_tensor, with_clip=with_clip,
+                                                       marked=_marked(generation, (hires, "uncond"), uncond_tensor)))
+    generation.calls[generation.batch] = generation.calls.get(generation.batch, 0) + 1
+
+
+def _marked(generation: Generation, key: tuple[bool, str], context: torch.Tensor) -> bool:
+    """Whether the rows carry ControlNet's marker token, checked once per pass for cond and uncond (one GPU read)."""
+    found = generation.marked.get(key)
+    if found is None:
+        found = generation.marked[key] = has_controlnet_mark(context)
+    return found
+
+
+def _crossattn(context) -> torch.Tensor:
+    return context["crossattn"] if isinstance(context, dict) else context
+
+
+def _rebuild(original, tensor: torch.Tensor):
+    """The new context in the host's container: SDXL's ``DictWithShape`` keeps ``vector`` and its other keys."""
+    if not isinstance(original, dict):
+        return tensor
+    return type(original)({**original, "crossattn": tensor})
+
+
+def finish(p) -> None:
+    """``postprocess()``: drop the generation's state and start the idle-unload clock."""
+    generation: Generation | None = getattr(p, ATTRIBUTE, None)
+    if generation is None:
+        return
+    generation.conditioner.release()
+    generation.passes.clear()
+    with contextlib.suppress(AttributeError):
+        delattr(p, ATTRIBUTE)
+    manager.generation_finished()

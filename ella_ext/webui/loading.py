@@ -1,0 +1,155 @@
+"""Which models the WebUI uses, where they live, and when they sit on the GPU.
+
+- The connector (67 M parameters) loads on the host's device in the UNet's dtype and stays there.
+- The LLM is loaded once and moved to its run device only to encode a batch's prompts, then back to the CPU (unless
+  the user keeps it on the GPU; never under --lowvram / --medvram).
+- Picking another connector or LLM unloads the previous one; everything is unloaded after the set minutes without an
+  ELLA generation, or on the UI's button.
+All loaded models live in the core's registry (``ella_ext.models.registry``), the project's only long-lived state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import models
+from ..connector import Connector, load_connector
+from ..models import ModelKey, ModelPaths, registry
+from ..options import ELLAOptions
+from . import host, settings
+
+log = logging.getLogger("ella")
+
+CPU = torch.device("cpu")
+
+
+def model_paths() -> ModelPaths:
+    folder = str(settings.get("ella_models_dir") or "").strip()
+    if folder:
+        root = Path(folder).expanduser()
+        return ModelPaths(root, root / models.TEXT_ENCODER_DIR)
+    return ModelPaths.from_models_root(host.models_root())
+
+
+def connector_choices() -> list[str]:
+    return list(models.list_connectors(model_paths()))
+
+
+def text_encoder_choices() -> list[str]:
+    return list(models.list_text_encoders(model_paths()))
+
+
+def describe_missing() -> str:
+    """A line for the UI when the official models are not on disk yet (empty when they are)."""
+    paths = model_paths()
+    missing = [e for e in (*models.list_connectors(paths).values(), *models.list_text_encoders(paths).values())
+               if e.official and not e.available]
+    if not missing:
+        return ""
+    names = " and ".join(e.name for e in missing)
+    if settings.get("ella_allow_download") and not models.is_offline():
+        return f"{names} will be downloaded to {paths.connectors} at the first generation (about 5 GB in all)."
+    return (f"{names} missing: downloads are off. Get {models.official_connector_url()} into {paths.connectors} "
+            f"and google/flan-t5-xl's text_encoder folder into {paths.text_encoders / models.OFFICIAL_TEXT_ENCODER}.")
+
+
+@dataclass
+class Loaded:
+    connector: Connector
+    encoder: object
+    connector_key: ModelKey
+    encoder_key: ModelKey
+    llm_device: torch.device
+    offload: bool
+
+    @contextlib.contextmanager
+    def encoding(self) -> Iterator[object]:
+        """The LLM on its run device for the duration of the block; back on the CPU afterwards if offloading."""
+        encoder = registry.to(self.encoder_key, self.llm_device)
+        try:
+            yield encoder
+        finally:
+            if self.offload and self.llm_device != CPU:
+                registry.to(self.encoder_key, CPU)
+                host.torch_gc()
+
+
+class Manager:
+    """Loads what a generation asks for and unloads it after a while without ELLA."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._active = 0
+
+    def load(self, options: ELLAOptions) -> Loaded:
+        paths = model_paths()
+        offline = None if settings.get("ella_allow_download") else True
+        connector_path = models.ensure_connector(paths, options.connector, offline=offline)
+        encoder_path = models.ensure_text_encoder(paths, options.text_encoder, offline=offline)
+
+        device, dtype = host.device(), host.unet_dtype()
+        connector_key = ModelKey.of("connector", connector_path, dtype)
+        connector = registry.get(connector_key, lambda: load_connector(connector_path, device, dtype))
+        connector = registry.to(connector_key, device)
+
+        llm_device = device if settings.get("ella_llm_device") == "GPU" else CPU
+        llm_dtype = settings.llm_dtype(llm_device)
+        offload = host.low_vram() or not settings.get("ella_keep_llm_on_gpu")
+        encoder_key = ModelKey.of("text_encoder", encoder_path, llm_dtype)
+
+        def load_encoder():
+            from ..text_encoders import EncodingCache, load_text_encoder
+
+            cache = EncodingCache(int(settings.get("ella_encoding_cache")))
+            return load_text_encoder(encoder_path, CPU if offload else llm_device, llm_dtype, cache=cache)
+
+        encoder = registry.get(encoder_key, load_encoder)
+        for key in list(registry):  # the user picked others: free the previous models
+            if key not in (connector_key, encoder_key):
+                registry.unload(key)
+        return Loaded(connector, encoder, connector_key, encoder_key, llm_device, offload)
+
+    # -- idle unloading ------------------------------------------------------------------------------------------------
+
+    def generation_started(self) -> None:
+        with self._lock:
+            self._active += 1
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def generation_finished(self) -> None:
+        minutes = float(settings.get("ella_unload_minutes") or 0)
+        with self._lock:
+            self._active = max(0, self._active - 1)
+            if self._active or minutes <= 0 or not len(registry):
+                return
+            self._timer = threading.Timer(minutes * 60, self._unload_if_idle)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _unload_if_idle(self) -> None:
+        with self._lock:
+            if self._active:
+                return
+            self._timer = None
+        count = registry.unload_all()
+        if count:
+            log.info("ELLA: unloaded %d model(s) after %s minutes unused", count, settings.get("ella_unload_minutes"))
+
+    def unload(self) -> int:
+        """Unload everything now (the UI's button); returns how many models were dropped."""
+        count = registry.unload_all()
+        host.torch_gc()
+        return count
+
+
+manager = Manager()

@@ -1,0 +1,76 @@
+"""The "ELLA" section of the WebUI's settings, and reads of it that fall back to the defaults.
+
+Host facts (A1111 v1.10.1 ``modules/options.py``, ``modules/shared.py``): ``shared.opts.add_option(key,
+shared.OptionInfo(default, label, component, component_args, section=(key, label)))`` inside an ``on_ui_settings``
+callback; ``getattr(shared.opts, key)`` returns the default until the user changes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+SECTION = ("ella", "ELLA")
+
+LLM_DTYPES = ("auto", "fp16", "bf16", "fp32")
+LLM_DEVICES = ("GPU", "CPU")
+
+DEFAULTS: dict[str, Any] = {
+    "ella_models_dir": "",
+    "ella_llm_dtype": "auto",
+    "ella_llm_device": "GPU",
+    "ella_keep_llm_on_gpu": False,
+    "ella_encoding_cache": 256,
+    "ella_tsc_cache": 1024,
+    "ella_unload_minutes": 15,
+    "ella_allow_download": True,
+}
+
+
+def get(key: str) -> Any:
+    """A setting's value, or its default when the host has no such option (yet)."""
+    from modules import shared
+
+    opts = getattr(shared, "opts", None)
+    value = getattr(opts, key, None) if opts is not None else None
+    return DEFAULTS[key] if value is None else value
+
+
+def llm_dtype(run_device: torch.device) -> torch.dtype:
+    """The LLM's dtype: the setting, or "auto" = fp16 on CUDA (what ELLA was trained with), fp32 elsewhere."""
+    choice = get("ella_llm_dtype")
+    if choice == "fp16":
+        return torch.float16
+    if choice == "bf16":
+        return torch.bfloat16
+    if choice == "fp32" or run_device.type != "cuda":
+        return torch.float32
+    return torch.float16
+
+
+def on_ui_settings() -> None:
+    import gradio as gr
+    from modules import shared
+
+    def add(key: str, label: str, component=None, component_args=None, info: str | None = None) -> None:
+        option = shared.OptionInfo(DEFAULTS[key], label, component, component_args, section=SECTION)
+        if info and hasattr(option, "info"):
+            option = option.info(info)
+        shared.opts.add_option(key, option)
+
+    add("ella_models_dir", "ELLA models folder", info="empty: <models>/ELLA; text encoders in its text_encoders/")
+    add("ella_llm_dtype", "LLM precision", gr.Radio, {"choices": list(LLM_DTYPES)},
+        info="auto: fp16 on a GPU (what ELLA was trained with), fp32 on a CPU")
+    add("ella_llm_device", "Run the LLM on", gr.Radio, {"choices": list(LLM_DEVICES)},
+        info="CPU saves about 2.4 GB of GPU memory; encoding is slower but happens once per prompt")
+    add("ella_keep_llm_on_gpu", "Keep the LLM on the GPU between generations",
+        info="faster repeated prompts, costs GPU memory; ignored under --lowvram / --medvram")
+    add("ella_encoding_cache", "LLM encodings kept across generations", gr.Slider,
+        {"minimum": 0, "maximum": 4096, "step": 1})
+    add("ella_tsc_cache", "Connector outputs kept per generation", gr.Slider,
+        {"minimum": 64, "maximum": 16384, "step": 64})
+    add("ella_unload_minutes", "Unload ELLA's models after this many minutes unused (0: never)", gr.Slider,
+        {"minimum": 0, "maximum": 240, "step": 1})
+    add("ella_allow_download", "Download the official models on first use",
+        info="off: only use files already in the models folder")

@@ -1,0 +1,166 @@
+"""Imitates ``modules/processing.py`` (A1111 v1.10.1) as far as an always-on script sees it:
+
+``process_images_inner``: ``scripts.process`` once; per batch ``n``: ``p.iteration = n``, ``p.prompts`` /
+``p.negative_prompts`` sliced from ``all_prompts``, ``before_process_batch`` (tags still in the prompts),
+``parse_extra_network_prompts`` (tags removed; for hires fix also from ``hr_prompts``), ``process_batch``,
+``setup_conds``, ``process_before_every_sampling``, the sampler, then for txt2img with hires fix ``sample_hr_pass``:
+``is_hr_pass = True``, a new sampler (``hr_sampler_name`` or the first pass's), the hires conds, ``before_hr``,
+``process_before_every_sampling`` again, ``sample_img2img(steps=hr_second_pass_steps or steps)``, ``is_hr_pass =
+False``; then ``create_infotext`` per image and ``postprocess_batch``; at the end ``scripts.postprocess``.
+``create_infotext``: a list value is indexed by the image, a callable gets the function's locals (``p``, ``index``).
+
+The double's "CLIP" gives each text a fixed pseudo-random ``[77 * k, C]`` tensor (``k`` = 75-token chunks, one per 75
+words); SDXL rows are ``{"crossattn", "vector"}``. With ``controlnet=True`` every row gets sd-webui-controlnet's
+marker token first (``scripts/hook.py`` ``mark_prompt_context``: +1024 for cond rows, -1024 for uncond rows).
+"""
+
+import re
+import zlib
+
+import torch
+
+from modules import sd_samplers, shared
+from modules.sd_samplers_kdiffusion import KDiffusionSampler
+from modules.sd_samplers_timesteps import CompVisSampler
+
+re_extra_net = re.compile(r"<(\w+):([^>]+)>")  # extra_networks.py
+re_AND = re.compile(r"\bAND\b")  # prompt_parser.py
+
+
+def fake_clip(text, width, sign=0.0):
+    chunks = 1 + len(text.split()) // 75
+    generator = torch.Generator().manual_seed(zlib.crc32(text.encode()))
+    rows = torch.randn(77 * chunks, width, generator=generator)
+    if sign:
+        rows = torch.cat([torch.full((1, width), 1024.0 * sign), rows])
+    return rows
+
+
+def conditioning_row(sd_model, text, sign=0.0):
+    width = sd_model.context_width
+    crossattn = fake_clip(text, width, sign).to(torch.float16)
+    if getattr(sd_model, "is_sdxl", False):
+        generator = torch.Generator().manual_seed(zlib.crc32(text.encode()) + 1)
+        return {"crossattn": crossattn, "vector": torch.randn(2816, generator=generator).to(torch.float16)}
+    return crossattn
+
+
+def create_sampler(name, sd_model):
+    config = sd_samplers.find_sampler_config(name)
+    if config.family == "timesteps":
+        return CompVisSampler(config, sd_model)
+    return KDiffusionSampler(config, sd_model)
+
+
+class Processed:
+    def __init__(self, p, infotexts):
+        self.infotexts = infotexts
+        self.info = infotexts[0] if infotexts else ""
+
+
+class StableDiffusionProcessing:
+    is_img2img = False
+
+    def __init__(self, prompt, negative_prompt="", *, batch_size=1, n_iter=1, steps=4, sampler_name="Euler",
+                 cfg_scale=7.0, script_args=(), enable_hr=False, hr_second_pass_steps=0, hr_prompt="",
+                 hr_negative_prompt="", hr_sampler_name=None, denoising_strength=0.5, controlnet=False):
+        self.prompt = prompt
+        self.negative_prompt = negative_prompt
+        self.batch_size = batch_size
+        self.n_iter = n_iter
+        self.steps = steps
+        self.sampler_name = sampler_name
+        self.cfg_scale = cfg_scale
+        self.script_args = tuple(script_args)
+        self.enable_hr = enable_hr
+        self.hr_second_pass_steps = hr_second_pass_steps
+        self.hr_prompt = hr_prompt
+        self.hr_negative_prompt = hr_negative_prompt
+        self.hr_sampler_name = hr_sampler_name
+        self.denoising_strength = denoising_strength
+        self.controlnet = controlnet
+        self.sd_model = shared.sd_model
+        self.extra_generation_params = {}
+        self.is_hr_pass = False
+        self.iteration = 0
+        self.denoisers = []  # every sampler's CFG denoiser, in order (first pass, hires pass, next batch...)
+        total = batch_size * n_iter
+        self.all_prompts = prompt if isinstance(prompt, list) else [prompt] * total
+        self.all_negative_prompts = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * total
+        self.all_hr_prompts = [hr_prompt or p for p in self.all_prompts]
+        self.all_hr_negative_prompts = [hr_negative_prompt or n for n in self.all_negative_prompts]
+        self.hr_prompts = self.hr_negative_prompts = None
+
+    def parse_extra_network_prompts(self):
+        self.prompts = [re_extra_net.sub("", x) for x in self.prompts]
+        if self.enable_hr and not self.is_img2img:
+            n, size = self.iteration, self.batch_size
+            self.hr_prompts = [re_extra_net.sub("", x) for x in self.all_hr_prompts[n * size:(n + 1) * size]]
+            self.hr_negative_prompts = self.all_hr_negative_prompts[n * size:(n + 1) * size]
+
+    def _conds(self, prompts, negatives):
+        mark = 1.0 if self.controlnet else 0.0
+        c = [[conditioning_row(self.sd_model, part, mark) for part in re_AND.split(text)] for text in prompts]
+        uc = [conditioning_row(self.sd_model, text, -mark) for text in negatives]
+        return c, uc
+
+    def setup_conds(self):
+        self.c, self.uc = self._conds(self.prompts, self.negative_prompts)
+
+    def calculate_hr_conds(self):
+        self.hr_c, self.hr_uc = self._conds(self.hr_prompts, self.hr_negative_prompts)
+
+
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    pass
+
+
+class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
+    is_img2img = True
+
+
+def create_infotext(p, index):
+    params = {"Steps": p.steps, "Sampler": p.sampler_name, **p.extra_generation_params}
+    iteration = p.iteration  # noqa: F841 - part of the locals a callable value receives, as in the host
+    for key, value in list(params.items()):
+        if isinstance(value, list):
+            params[key] = value[index]
+        elif callable(value):
+            params[key] = value(**locals())
+    return ", ".join(f"{k}: {v}" for k, v in params.items() if v is not None)
+
+
+def process_images(p, runner):
+    runner.call("process", p)
+    infotexts = []
+    size = p.batch_size
+    for n in range(p.n_iter):
+        p.iteration = n
+        p.prompts = p.all_prompts[n * size:(n + 1) * size]
+        p.negative_prompts = p.all_negative_prompts[n * size:(n + 1) * size]
+        runner.call("before_process_batch", p, batch_number=n, prompts=p.prompts, seeds=[], subseeds=[])
+        p.parse_extra_network_prompts()
+        runner.call("process_batch", p, batch_number=n, prompts=p.prompts, seeds=[], subseeds=[])
+        p.setup_conds()
+        x = torch.zeros(size, 4, 8, 8)
+        runner.call("process_before_every_sampling", p, x=x, noise=x, c=p.c, uc=p.uc)
+        sampler = create_sampler(p.sampler_name, p.sd_model)
+        p.denoisers.append(sampler.model_wrap_cfg)
+        if p.is_img2img:
+            sampler.sample_img2img(p, x, x, p.c, p.uc)
+        else:
+            sampler.sample(p, x, p.c, p.uc)
+        if p.enable_hr and not p.is_img2img:
+            p.is_hr_pass = True
+            sampler = create_sampler(p.hr_sampler_name or p.sampler_name, p.sd_model)
+            p.denoisers.append(sampler.model_wrap_cfg)
+            p.calculate_hr_conds()
+            runner.call("before_hr", p)
+            runner.call("process_before_every_sampling", p, x=x, noise=x, c=p.hr_c, uc=p.hr_uc)
+            sampler.sample_img2img(p, x, x, p.hr_c, p.hr_uc, steps=p.hr_second_pass_steps or p.steps)
+            p.is_hr_pass = False
+        infotexts += [create_infotext(p, n * size + i) for i in range(size)]
+        runner.call("postprocess_batch", p, images=x, batch_number=n)
+    processed = Processed(p, infotexts)
+    runner.call("postprocess", p, processed)
+    return processed

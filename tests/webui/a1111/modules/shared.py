@@ -1,0 +1,50 @@
+"""Imitates ``modules/shared.py`` + ``modules/options.py`` (A1111 v1.10.1): ``opts`` returns a registered option's
+default until set; ``cmd_opts`` holds the command-line flags; ``sd_model`` is the loaded checkpoint."""
+
+from types import SimpleNamespace
+
+
+class OptionInfo:
+    def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
+                 refresh=None, comment_before="", comment_after="", infotext=None, restrict_api=False,
+                 category_id=None):
+        self.default = default
+        self.label = label
+        self.component = component
+        self.component_args = component_args
+        self.section = section
+        self.comment_after = comment_after
+
+    def info(self, info):
+        self.comment_after += f"<span class='info'>({info})</span>"
+        return self
+
+
+class Options:
+    def __init__(self):
+        super().__setattr__("data", {})
+        super().__setattr__("data_labels", {})
+
+    def add_option(self, key, info):
+        self.data_labels[key] = info
+        if key not in self.data:
+            self.data[key] = info.default
+
+    def __setattr__(self, key, value):
+        self.data[key] = value
+
+    def __getattr__(self, item):
+        if item in self.data:
+            return self.data[item]
+        if item in self.data_labels:
+            return self.data_labels[item].default
+        raise AttributeError(item)
+
+
+opts = Options()
+# the host options the tests rely on, at their defaults (modules/shared_options.py)
+opts.data.update(use_old_scheduling=False, enable_quantization=False, skip_early_cond=0.0, pad_cond_uncond=False,
+                 pad_cond_uncond_v0=False, batch_cond_uncond=True, img2img_fix_steps=False)
+
+cmd_opts = SimpleNamespace(lowvram=False, medvram=False, medvram_sdxl=False)
+sd_model = None

@@ -1,0 +1,317 @@
+"""The script driven through the A1111 1.10.1 host double: rows, texts and timesteps handed to the conditioner at
+every denoiser call, and the tensors handed back to the host, for each case the per-call swap must get right."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ella_ext import load_connector, load_text_encoder
+
+from .conftest import CONNECTOR, ENCODER, FakeSDModel, ella_args
+
+
+@pytest.fixture(scope="module")
+def reference(models_dir):
+    """Rows computed directly from the models, one text and one timestep at a time (flexible length)."""
+    connector = load_connector(models_dir / "ELLA" / f"{CONNECTOR}.safetensors")
+    encoder = load_text_encoder(models_dir / "ELLA" / "text_encoders" / ENCODER, "cpu", torch.float32)
+
+    def row(text: str, t: float, max_length=None) -> torch.Tensor:
+        features, mask = encoder.encode([text], max_length)
+        with torch.no_grad():
+            return connector(features, torch.tensor([t]), None if max_length else mask)[0]
+
+    return row
+
+
+def sigma_to_t(p, call):
+    """What the UNet is fed for a k-diffusion call: the real CompVisDenoiser's sigma_to_t of the call's sigma."""
+    denoiser = p.denoisers[0]
+    _, sigma_in, _, _ = denoiser.inner_calls[call]
+    return denoiser.inner_model.sigma_to_t(sigma_in).double().tolist()
+
+
+def texts_per_call(host):
+    return [texts for texts, _, _ in host.recorded.calls]
+
+
+def test_callback_registered_once_at_import(host):
+    from modules import script_callbacks
+
+    assert [name for name, _ in script_callbacks.callback_map["cfg_denoiser"]] == [None]
+    assert len(script_callbacks.callback_map["ui_settings"]) == 1
+    assert len(script_callbacks.callback_map["app_started"]) == 1
+
+
+def test_euler_rows_texts_timesteps_and_tensors(host, reference):
+    p, processed = host.run("a (red:1.2) cube on a table", "blurry", steps=4, sampler_name="Euler")
+    assert host.reported() == []
+    assert texts_per_call(host) == [["a red cube on a table", "blurry"]] * 4
+    for call, (_, timesteps, _) in enumerate(host.recorded.calls):
+        assert timesteps == pytest.approx(sigma_to_t(p, call), abs=1e-4)
+        _, _, cond_in, batched = p.denoisers[0].inner_calls[call]
+        assert batched  # equal token counts: the host keeps its batched cond+uncond path
+        assert cond_in.shape == (2, 8, 768) and cond_in.dtype == torch.float16  # the host's dtype
+        torch.testing.assert_close(cond_in[0].float(), reference("a red cube on a table", timesteps[0]),
+                                   atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(cond_in[1].float(), reference("blurry", timesteps[1]), atol=2e-3, rtol=2e-3)
+    assert host.recorded.calls[0][1][0] == pytest.approx(999.0, abs=1e-3)  # Euler starts at sigma_max
+    info = processed.infotexts[0]
+    assert f"ELLA: {CONNECTOR}" in info and f"ELLA LLM: {ENCODER}" in info and "ELLA tokens: flexible" in info
+    assert "ELLA error" not in info
+
+
+def test_disabled_changes_nothing(host):
+    p, processed = host.run("a cube", steps=3, args=ella_args(enabled=False))
+    assert host.recorded.calls == []
+    _, _, cond_in, _ = p.denoisers[0].inner_calls[0]
+    assert cond_in.shape == (2, 77, 768)  # the host's CLIP context
+    assert "ELLA" not in processed.infotexts[0]
+
+
+def test_prompt_editing_follows_the_denoiser_call_counter(host):
+    # host: [cat:dog:2] with 4 steps -> "cat" while step <= 2, then "dog"; the step is CFGDenoiser.step
+    host.run("a [cat:dog:2] on a mat", steps=4)
+    assert [texts[0] for texts in texts_per_call(host)] == ["a cat on a mat"] * 3 + ["a dog on a mat"]
+
+
+def test_second_order_sampler_doubles_schedule_steps_and_reuses_pairs(host):
+    # Heun, 3 steps: calls at s0, s1 | s1, s2 | s2 -> 5 calls; schedules get total_steps = 6, so [cat:dog:0.5]
+    # switches after step int(0.5 * 6) = 3.
+    p, _ = host.run("[cat:dog:0.5]", steps=3, sampler_name="Heun")
+    calls = host.recorded.calls
+    assert len(calls) == 5
+    assert [texts[0] for texts, _, _ in calls] == ["cat", "cat", "cat", "cat", "dog"]
+    for call, (_, timesteps, _) in enumerate(calls):
+        assert timesteps == pytest.approx(sigma_to_t(p, call), abs=1e-4)
+    assert calls[1][1] == pytest.approx(calls[2][1])  # the same sigma twice
+
+
+def test_dpm2_midpoint_sigmas_give_fractional_timesteps(host):
+    p, _ = host.run("a cube", steps=3, sampler_name="DPM2")
+    fractional = [t for _, ts, _ in host.recorded.calls for t in ts if abs(t - round(t)) > 1e-3]
+    assert fractional, "DPM2's midpoint sigmas fall between the schedule's timesteps"
+    for call, (_, timesteps, _) in enumerate(host.recorded.calls):
+        assert timesteps == pytest.approx(sigma_to_t(p, call), abs=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS", "UniPC"])
+def test_timestep_samplers_pass_timesteps_through(host, sampler):
+    host.run("a cube", steps=3, sampler_name=sampler)
+    assert [ts for _, ts, _ in host.recorded.calls] == [[999.0, 999.0], [667.0, 667.0], [334.0, 334.0]]
+
+
+def test_batch_with_a_prompt_and_negative_per_image(host, reference):
+    p, processed = host.run(["a red cube", "a blue ball"], ["ugly", "dark"], batch_size=2, steps=2)
+    texts, timesteps, _ = host.recorded.calls[0]
+    assert texts == ["a red cube", "a blue ball", "ugly", "dark"]
+    _, _, cond_in, _ = p.denoisers[0].inner_calls[0]
+    for row, text in enumerate(texts):
+        torch.testing.assert_close(cond_in[row].float(), reference(text, timesteps[row]), atol=2e-3, rtol=2e-3)
+    assert len(processed.infotexts) == 2 and all(f"ELLA: {CONNECTOR}" in i for i in processed.infotexts)
+
+
+def test_batch_count_uses_each_batch_prompts(host):
+    p, processed = host.run(["first prompt", "second prompt"], batch_size=1, n_iter=2, steps=2)
+    assert [texts[0] for texts in texts_per_call(host)] == ["first prompt"] * 2 + ["second prompt"] * 2
+    assert len(processed.infotexts) == 2 and all(f"ELLA: {CONNECTOR}" in i for i in processed.infotexts)
+
+
+def test_and_subprompts_one_row_each_in_host_order(host):
+    p, _ = host.run(["a cat AND a dog :0.5", "a car"], ["n1", "n2"], batch_size=2, steps=2)
+    texts, timesteps, _ = host.recorded.calls[0]
+    assert texts == ["a cat", "a dog", "a car", "n1", "n2"]
+    assert len(timesteps) == 5
+    _, _, cond_in, _ = p.denoisers[0].inner_calls[0]
+    assert cond_in.shape[0] == 5
+
+
+def test_extra_network_tags_never_reach_the_llm(host):
+    host.run("<lora:style:0.8> a cube", "<lora:neg:1> blurry", steps=1)
+    assert texts_per_call(host)[0] == ["a cube", "blurry"]
+
+
+def test_empty_negative_mode(host):
+    host.run("a cube", "blurry", steps=2, args=ella_args(negative="Empty"))
+    assert texts_per_call(host)[0] == ["a cube", ""]
+
+
+def test_separate_llm_prompt(host):
+    host.run("cube, 8k, masterpiece", steps=1, args=ella_args(llm_prompt="a small red cube on a wooden table"))
+    assert texts_per_call(host)[0] == ["a small red cube on a wooden table", ""]
+
+
+def test_fixed_token_length(host, reference):
+    p, processed = host.run("a cube", steps=1, args=ella_args(token_length="Fixed", max_length=16))
+    texts, timesteps, _ = host.recorded.calls[0]
+    _, _, cond_in, _ = p.denoisers[0].inner_calls[0]
+    torch.testing.assert_close(cond_in[0].float(), reference("a cube", timesteps[0], max_length=16),
+                               atol=2e-3, rtol=2e-3)
+    assert "ELLA tokens: fixed 16" in processed.infotexts[0]
+
+
+def test_hires_pass_uses_its_own_prompts_sampler_and_timesteps(host):
+    # the hires pass's new denoiser: step counter from 0; 2 hires steps at denoising 0.5 sample sigmas
+    # 0.932358 and 0.029168, as seen in a running A1111 1.10.1 (host-api.md section 9)
+    p, processed = host.run("a cube", "blurry", steps=3, enable_hr=True, hr_prompt="a sharp [cube:ball:1]",
+                            hr_second_pass_steps=2, hr_sampler_name="Euler", denoising_strength=0.5)
+    first = len(p.denoisers[0].inner_calls)
+    assert first == 3 and len(p.denoisers) == 2
+    hires = host.recorded.calls[first:]
+    # host rule: a whole-number switch point in a hires prompt counts first-pass steps too (1 - 3 < 0): switched
+    assert [texts for texts, _, _ in hires] == [["a sharp ball", "blurry"], ["a sharp ball", "blurry"]]
+    hires_sigmas = [float(c[1][0]) for c in p.denoisers[1].inner_calls]
+    assert hires_sigmas == pytest.approx([0.932358, 0.029168], abs=1e-5)
+    for call, (_, timesteps, _) in enumerate(hires):
+        expected = p.denoisers[1].inner_model.sigma_to_t(p.denoisers[1].inner_calls[call][1]).double().tolist()
+        assert timesteps == pytest.approx(expected, abs=1e-4)
+    assert f"ELLA: {CONNECTOR}" in processed.infotexts[0] and "ELLA hires" not in processed.infotexts[0]
+
+
+def test_hires_pass_off(host):
+    p, processed = host.run("a cube", steps=2, enable_hr=True, hr_second_pass_steps=2,
+                            args=ella_args(hires=False))
+    assert len(host.recorded.calls) == len(p.denoisers[0].inner_calls)
+    _, _, cond_in, _ = p.denoisers[1].inner_calls[0]
+    assert cond_in.shape[1] == 77  # CLIP in the hires pass
+    assert "ELLA hires: off" in processed.infotexts[0]
+
+
+def test_img2img_partial_schedule(host):
+    # steps 4, denoising 0.5 -> t_enc 2 -> sigmas[1:]: 3 calls, the step counter from 0
+    p, _ = host.run("a cube", steps=4, img2img=True, denoising_strength=0.5)
+    assert len(host.recorded.calls) == 3
+    for call, (_, timesteps, _) in enumerate(host.recorded.calls):
+        assert timesteps == pytest.approx(sigma_to_t(p, call), abs=1e-4)
+    assert host.recorded.calls[0][1][0] < 999.0 - 1
+
+
+def test_controlnet_marker_row_is_kept(host):
+    p, _ = host.run("a cube", "blurry", steps=1, controlnet=True)
+    _, _, cond_in, batched = p.denoisers[0].inner_calls[0]
+    assert batched and cond_in.shape == (2, 9, 768)
+    assert torch.all(cond_in[0, 0] == 1024) and torch.all(cond_in[1, 0] == -1024)
+
+
+def test_ella_plus_clip_concatenates_the_host_rows(host):
+    from modules.processing import fake_clip
+
+    long_prompt = " ".join(["word"] * 80)  # two CLIP chunks: 154 tokens against the negative's 77
+    p, _ = host.run(long_prompt, "blurry", steps=1, args=ella_args(clip_mode="ELLA + CLIP"))
+    _, _, (cond, uncond), batched = p.denoisers[0].inner_calls[0]
+    assert not batched  # as in the host without ELLA: unequal CLIP lengths run cond and uncond apart
+    assert cond.shape == (1, 8 + 154, 768) and uncond.shape == (1, 8 + 77, 768)
+    torch.testing.assert_close(cond[0, 8:], fake_clip(long_prompt, 768).half())
+    torch.testing.assert_close(uncond[0, 8:], fake_clip("blurry", 768).half())
+    out = host.recorded.calls[0][2]
+    torch.testing.assert_close(cond[0, :8], out[0].half())
+
+
+def test_sdxl_keeps_vector_in_dict_with_shape(host):
+    from modules import prompt_parser, shared
+
+    shared.sd_model = FakeSDModel(2048, is_sdxl=True)
+    p, _ = host.run("a cube", "blurry", steps=1, args=ella_args(connector="tiny-sdxl"))
+    _, _, cond_in, batched = p.denoisers[0].inner_calls[0]
+    assert batched and isinstance(cond_in, dict)
+    assert cond_in["crossattn"].shape == (2, 8, 2048)
+    from modules.processing import conditioning_row
+
+    torch.testing.assert_close(cond_in["vector"][0], conditioning_row(shared.sd_model, "a cube")["vector"])
+    assert host.reported() == []
+    assert prompt_parser.DictWithShape  # the double's container is what the host hands over
+
+
+def test_connector_width_mismatch_is_refused_and_image_made(host):
+    from modules import shared
+
+    shared.sd_model = FakeSDModel(2048, is_sdxl=True)
+    p, processed = host.run("a cube", steps=1)
+    assert host.recorded.calls == []
+    assert "ELLA error" in processed.infotexts[0] and "2048" in processed.infotexts[0]
+    assert f"ELLA: {CONNECTOR}" not in processed.infotexts[0]
+    assert p.denoisers[0].inner_calls, "the image is still made"
+
+
+def test_missing_connector_says_where_to_put_it(host):
+    p, processed = host.run("a cube", steps=1, args=ella_args(connector="not-there"))
+    assert host.recorded.calls == []
+    assert "ELLA error" in processed.infotexts[0] and "not-there" in processed.infotexts[0]
+    assert host.reported() == []
+
+
+def test_failure_mid_generation_falls_back_to_clip(host, monkeypatch):
+    # a CUDA out-of-memory at the second call: that call and the rest use CLIP, the image is made, the info says so
+    from ella_ext.webui import generation
+
+    original = generation.Conditioner.__call__
+    count = {"n": 0}
+
+    def flaky(self, texts, timesteps):
+        count["n"] += 1
+        if count["n"] == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return original(self, texts, timesteps)
+
+    monkeypatch.setattr(generation.Conditioner, "__call__", flaky)
+    p, processed = host.run("a cube", steps=4)
+    shapes = [c[2].shape[1] for c in p.denoisers[0].inner_calls]
+    assert shapes == [8, 77, 77, 77]
+    assert "CUDA out of memory (simulated)" in processed.infotexts[0] and "sampler call 2" in processed.infotexts[0]
+    assert host.reported() == []
+
+
+def test_row_count_mismatch_falls_back(host):
+    from modules import script_callbacks
+
+    def shrink(params):  # another extension changes the batch before ELLA's callback
+        params.text_cond = params.text_cond[:1]
+
+    script_callbacks.callback_map["cfg_denoiser"].insert(0, ("other", shrink))
+    p, processed = host.run("a cube AND a ball", steps=2)
+    assert host.recorded.calls == []
+    assert "prompt rows" in processed.infotexts[0]
+    assert [c[2].shape[1] for c in p.denoisers[0].inner_calls] == [77, 77]
+
+
+def test_api_dict_of_named_fields(host):
+    args = [{"enabled": True, "connector": CONNECTOR, "text_encoder": ENCODER, "negative": "empty"}, *ella_args()[1:]]
+    host.run("a cube", "blurry", steps=1, args=args)
+    assert texts_per_call(host)[0] == ["a cube", ""]
+
+
+def test_api_bad_dict_is_reported_and_image_made(host):
+    args = [{"enabled": True, "clip": "yes"}]
+    p, processed = host.run("a cube", steps=1, args=args)
+    assert host.recorded.calls == []
+    assert "unknown field 'clip'" in processed.infotexts[0]
+    assert p.denoisers[0].inner_calls
+
+
+def test_state_is_dropped_and_nothing_grows(host):
+    from ella_ext.models import registry
+    from ella_ext.webui.generation import ATTRIBUTE
+
+    p, _ = host.run("a cube", steps=2)
+    assert not hasattr(p, ATTRIBUTE)
+    loaded = len(registry)
+    for _ in range(3):
+        host.run("another cube", steps=2)
+    assert len(registry) == loaded == 2
+
+
+def test_xyz_overrides_apply_per_copy(host):
+    import copy
+
+    from modules.processing import StableDiffusionProcessingTxt2Img
+
+    from ella_ext.webui import xyz
+
+    base = StableDiffusionProcessingTxt2Img("a cube")
+    first, second = copy.copy(base), copy.copy(base)
+    xyz.apply_clip_mode(first, "ELLA + CLIP", [])
+    xyz.apply_token_length(second, "Fixed 64", [])
+    assert first.ella_xyz == {"clip_mode": "ELLA + CLIP"}
+    assert second.ella_xyz == {"token_length": "Fixed", "max_length": "64"}
+    assert not hasattr(base, "ella_xyz")

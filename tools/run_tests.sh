@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Set up the test environments and run the tests: `bash tools/run_tests.sh [oldest|newest|all]` (default: all).
+# Set up the test environments and run the tests: `bash tools/run_tests.sh [oldest|forge|newest|all]` (default: all).
 # Each stack gets its own virtual environment in .venv-<stack> (reused when its requirements file is unchanged).
 # k-diffusion is installed without its dependencies: the tests use only its sampling schedule code, and its
 # training stack (torchvision, kornia, wandb, ...) is not needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stacks=("$@")
-[ ${#stacks[@]} -eq 0 ] || [ "${stacks[0]}" = all ] && stacks=(oldest newest)
+[ ${#stacks[@]} -eq 0 ] || [ "${stacks[0]}" = all ] && stacks=(oldest forge newest)
 python=${PYTHON:-python3}
 
 for stack in "${stacks[@]}"; do

@@ -1,0 +1,153 @@
+"""The accordion (built under whichever gradio this stack has: 3.41.2 for A1111, 4.x for Forge), pasting image
+parameters back, settings, XYZ axes, and the HTTP API (model listing, token counter, request validation)."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pytest
+
+from ella_ext import options
+
+from .conftest import CONNECTOR, ENCODER
+
+
+def build(script, is_img2img=False):
+    with gr.Blocks():
+        return script.ui(is_img2img)
+
+
+def test_ui_builds_twice_with_the_documented_controls(host):
+    # the host builds it for the page, and again inside a fresh gr.Blocks for the API's default args
+    for is_img2img in (False, True, False):
+        controls = build(host.script, is_img2img)
+        assert len(controls) == len(options.FIELD_NAMES)
+        values = [c.value for c in controls]
+        assert values == [getattr(options.DEFAULTS, name) for name in options.FIELD_NAMES]
+        assert CONNECTOR in controls[1].choices or (CONNECTOR, CONNECTOR) in controls[1].choices
+    assert host.reported() == []
+
+
+def test_ui_lists_models_of_the_folder_and_the_official_ones(host):
+    controls = build(host.script)
+    names = [c[0] if isinstance(c, tuple) else c for c in controls[1].choices]
+    assert names[0] == options.OFFICIAL_CONNECTOR_NAME and CONNECTOR in names and "tiny-sdxl" in names
+    encoders = [c[0] if isinstance(c, tuple) else c for c in controls[2].choices]
+    assert options.OFFICIAL_TEXT_ENCODER_NAME in encoders and ENCODER in encoders
+
+
+def test_paste_restores_every_control(host):
+    controls = build(host.script)
+    fields = dict((id(c), fn) for c, fn in host.script.infotext_fields)
+    params = {"ELLA": CONNECTOR, "ELLA LLM": ENCODER, "ELLA tokens": "fixed 96", "ELLA mode": "ELLA + CLIP",
+              "ELLA negative": "Empty", "ELLA prompt": "a red cube", "ELLA hires": "off"}
+    restored = [fields[id(c)](params) for c in controls]
+    assert restored == [True, CONNECTOR, ENCODER, "Fixed", 96, "ELLA + CLIP", "Empty", "a red cube", False]
+    off = fields[id(controls[0])]({"Steps": "20"})
+    assert off is False
+    assert set(host.script.paste_field_names) >= {"ELLA", "ELLA LLM", "ELLA tokens", "ELLA mode"}
+
+
+def test_infotext_round_trip_through_options():
+    chosen = options.ELLAOptions(True, "c", "e", options.FIXED, 77, options.ELLA_AND_CLIP, options.NEGATIVE_EMPTY,
+                                 "x", False)
+    assert options.from_mapping(options.from_infotext(chosen.infotext())) == chosen
+
+
+def test_settings_section(host):
+    from modules import shared
+
+    from ella_ext.webui import settings
+
+    settings.on_ui_settings()
+    assert set(settings.DEFAULTS) <= set(shared.opts.data_labels)
+    assert all(shared.opts.data_labels[k].section == ("ella", "ELLA") for k in settings.DEFAULTS)
+    assert shared.opts.ella_llm_dtype == "auto"
+
+
+def test_xyz_axes_added_once(host):
+    import types
+
+    from modules import scripts
+
+    from ella_ext.webui import xyz
+
+    class AxisOption:
+        def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
+            self.label, self.apply, self.choices = label, apply, choices
+
+    grid = types.SimpleNamespace(AxisOption=AxisOption, axis_options=[])
+    scripts.scripts_data.append(scripts.ScriptClassData(type("XYZ", (), {"__module__": "xyz_grid.py"}), "", "", grid))
+    try:
+        xyz.add_axes()
+        xyz.add_axes()  # a UI reload
+    finally:
+        scripts.scripts_data.clear()
+    labels = [o.label for o in grid.axis_options]
+    assert labels == ["[ELLA] Enabled", "[ELLA] Connector", "[ELLA] Token length", "[ELLA] CLIP mode"]
+    assert CONNECTOR in grid.axis_options[1].choices()
+
+
+# -- API ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def client(host):
+    from fastapi import Body, FastAPI
+    from fastapi.testclient import TestClient
+    from modules import script_callbacks
+
+    app = FastAPI()
+
+    @app.post("/sdapi/v1/txt2img")
+    def txt2img(payload: dict = Body(...)):  # noqa: B008 - the host's generation route, echoing what reached it
+        return {"received": payload}
+
+    with TestClient(app) as test_client:  # the app has started, as in the host when app_started callbacks run
+        script_callbacks.app_started_callback(None, app)
+        assert script_callbacks.reported == []
+        yield test_client
+
+
+def test_models_endpoint(client):
+    listing = client.get("/ella/v1/models").json()
+    names = [c["name"] for c in listing["connectors"]]
+    assert CONNECTOR in names and options.OFFICIAL_CONNECTOR_NAME in names
+    official = next(c for c in listing["connectors"] if c["official"])
+    assert official["available"] is False
+    assert ENCODER in [e["name"] for e in listing["text_encoders"]]
+    assert listing["args"] == list(options.FIELD_NAMES)
+
+
+def test_token_counter_endpoint(client):
+    short = client.post("/ella/v1/tokens", json={"text": "a cat", "text_encoder": ENCODER}).json()
+    long = client.post("/ella/v1/tokens", json={"text": "a cat " * 40, "text_encoder": ENCODER}).json()
+    assert 2 <= short["tokens"] < long["tokens"]
+    missing = client.post("/ella/v1/tokens", json={"text": "a cat", "text_encoder": "nope"}).json()
+    assert missing["tokens"] is None and "nope" in missing["error"]
+
+
+@pytest.mark.parametrize("args", [
+    [True, CONNECTOR, ENCODER],
+    [{"enabled": True, "connector": CONNECTOR, "clip_mode": "ella+clip"}],
+])
+def test_valid_generation_requests_pass_unchanged(client, args):
+    body = {"prompt": "a cat", "alwayson_scripts": {"ella": {"args": args}}}
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200 and response.json()["received"] == body
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([{"enabled": True, "clip": "yes"}], "unknown field 'clip'; the fields are enabled, connector"),
+    ([{"token_length": "long"}], "token_length must be one of 'Flexible', 'Fixed'"),
+    ([True, CONNECTOR, ENCODER, "Fixed", 9999], "max_length must be a whole number from 1 to 512"),
+    ({"enabled": True}, "'args' must be a list"),
+])
+def test_invalid_generation_requests_are_rejected(client, args, message):
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "alwayson_scripts": {"ELLA": {"args": args}}})
+    assert response.status_code == 422
+    assert message in response.json()["detail"]
+
+
+def test_other_requests_untouched(client):
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat"})
+    assert response.status_code == 200

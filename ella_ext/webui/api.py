@@ -109,7 +109,7 @@ class ValidationMiddleware:
         while more:
             message = await receive()
             if message["type"] != "http.request":
-                await self.app(scope, _replay([message]), send)
+                await self.app(scope, _replay([message], receive), send)
                 return
             chunks.append(message)
             more = message.get("more_body", False)
@@ -121,18 +121,20 @@ class ValidationMiddleware:
                                     (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
             return
-        await self.app(scope, _replay(chunks), send)
+        await self.app(scope, _replay(chunks, receive), send)
 
 
-def _replay(messages):
+def _replay(messages, receive):
+    """The messages already read, then the real channel: after the body, a receive() waits for the client's actual
+    disconnect (the host's BaseHTTPMiddleware listens for it; a made-up disconnect would cut the response)."""
     queue = list(messages)
 
-    async def receive():
+    async def replay():
         if queue:
             return queue.pop(0)
-        return {"type": "http.disconnect"}
+        return await receive()
 
-    return receive
+    return replay
 
 
 def on_app_started(_demo, app) -> None:

@@ -100,7 +100,11 @@ def client(host):
 
     @app.post("/sdapi/v1/txt2img")
     def txt2img(payload: dict = Body(...)):  # noqa: B008 - the host's generation route, echoing what reached it
-        return {"received": payload}
+        return {"received": payload, "images": ["x" * 200_000]}
+
+    @app.middleware("http")  # as modules/api/api.py api_middleware: a BaseHTTPMiddleware, which watches receive()
+    async def log_and_time(request, call_next):
+        return await call_next(request)
 
     with TestClient(app) as test_client:  # the app has started, as in the host when app_started callbacks run
         script_callbacks.app_started_callback(None, app)
@@ -134,6 +138,7 @@ def test_valid_generation_requests_pass_unchanged(client, args):
     body = {"prompt": "a cat", "alwayson_scripts": {"ella": {"args": args}}}
     response = client.post("/sdapi/v1/txt2img", json=body)
     assert response.status_code == 200 and response.json()["received"] == body
+    assert len(response.json()["images"][0]) == 200_000  # the whole response: the body replay did not end it
 
 
 @pytest.mark.parametrize(("args", "message"), [

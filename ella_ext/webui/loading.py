@@ -87,7 +87,6 @@ class Manager:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
-        self._active = 0
 
     def load(self, options: ELLAOptions) -> Loaded:
         paths = model_paths()
@@ -120,17 +119,18 @@ class Manager:
     # -- idle unloading ------------------------------------------------------------------------------------------------
 
     def generation_started(self) -> None:
+        """Stop the idle clock (the host runs one generation at a time)."""
         with self._lock:
-            self._active += 1
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
 
     def generation_finished(self) -> None:
+        """Start the idle clock: unload everything if no ELLA generation starts within the set minutes. A generation
+        that died before ``postprocess`` leaves no count behind: the next one just stops and restarts the clock."""
         minutes = float(settings.get("ella_unload_minutes") or 0)
         with self._lock:
-            self._active = max(0, self._active - 1)
-            if self._active or minutes <= 0 or not len(registry):
+            if minutes <= 0 or not len(registry):
                 return
             self._timer = threading.Timer(minutes * 60, self._unload_if_idle)
             self._timer.daemon = True
@@ -138,7 +138,7 @@ class Manager:
 
     def _unload_if_idle(self) -> None:
         with self._lock:
-            if self._active:
+            if self._timer is None:  # cancelled by a generation that started meanwhile
                 return
             self._timer = None
         count = registry.unload_all()

@@ -178,6 +178,26 @@ def from_script_args(args: Sequence[Any]) -> ELLAOptions:
     return from_mapping(dict(zip(FIELD_NAMES, args)))
 
 
+# One info-text key per UI control, so that the host's "Send to" buttons (which copy controls whose key is in
+# ``paste_field_names``) and pasted text (``paste_params`` fills the derived keys) both restore every control.
+PASTE_KEYS = {
+    "enabled": "ELLA enabled",
+    "connector": KEY_CONNECTOR,
+    "text_encoder": KEY_TEXT_ENCODER,
+    "token_length": "ELLA token length",
+    "max_length": "ELLA max tokens",
+    "clip_mode": KEY_MODE,
+    "negative": KEY_NEGATIVE,
+    "llm_prompt": KEY_PROMPT,
+    "hires": "ELLA hires pass",
+}
+
+
+def paste_params(params: Mapping[str, str]) -> dict[str, Any]:
+    """The per-control keys derived from pasted image parameters (added to them before the host applies them)."""
+    return {PASTE_KEYS[name]: value for name, value in from_infotext(params).items()}
+
+
 def from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
     """UI values restored from pasted image parameters: every field, ``enabled`` False when ELLA did not run."""
     if KEY_CONNECTOR not in params:

@@ -6,8 +6,9 @@ global and can run any number of times.
 
 Host facts (A1111 v1.10.1): ``modules/ui_components.py`` ``InputAccordion`` (a hidden checkbox that opens and closes an
 accordion; its value is the checkbox's), ``modules/ui_common.py`` ``create_refresh_button(component, refresh_method,
-refreshed_args, elem_id)``, ``modules/scripts.py`` ``Script.infotext_fields`` (``(component, key or fn(params))``) and
-``paste_field_names``.
+refreshed_args, elem_id)``, ``modules/scripts.py`` ``Script.infotext_fields`` / ``paste_field_names``,
+``modules/infotext_utils.py``: pasted text goes through ``on_infotext_pasted`` callbacks, then each field takes
+``params[key]`` cast to its control's type; "Send to" copies the controls whose key is in ``paste_field_names``.
 """
 
 from __future__ import annotations
@@ -65,30 +66,14 @@ def build(script, is_img2img: bool) -> list[Any]:
         unload.click(fn=_unload, inputs=[], outputs=[status])
 
     controls = [enabled, connector, text_encoder, token_length, max_length, clip_mode, negative, llm_prompt, hires]
-    script.infotext_fields = infotext_fields(controls)
-    script.paste_field_names = [
-        options.KEY_CONNECTOR, options.KEY_TEXT_ENCODER, options.KEY_TOKENS, options.KEY_MODE, options.KEY_NEGATIVE,
-        options.KEY_PROMPT, options.KEY_HIRES,
-    ]
+    script.infotext_fields = [(control, options.PASTE_KEYS[name]) for name, control in zip(CONTROL_NAMES, controls)]
+    script.paste_field_names = list(options.PASTE_KEYS.values())
     return controls
 
 
-def infotext_fields(controls: list[Any]) -> list[tuple[Any, Any]]:
-    """Each control with how pasted parameters set it (missing ``ELLA`` key: ELLA off)."""
-    fields = []
-    for name, control in zip(CONTROL_NAMES, controls):
-        fields.append((control, _restore(name)))
-    return fields
-
-
-def _restore(name: str):
-    def restore(params: dict[str, Any]):
-        restored = options.from_infotext(params)
-        if name not in restored:
-            return gr.update()  # keep the control as it is
-        return restored[name]
-
-    return restore
+def on_infotext_pasted(_infotext: str, params: dict[str, Any]) -> None:
+    """``on_infotext_pasted``: derive one key per control from the image's ELLA parameters (ELLA off when absent)."""
+    params.update(options.paste_params(params))
 
 
 def _choices(list_names, default: str) -> list[str]:

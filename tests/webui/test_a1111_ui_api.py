@@ -35,16 +35,35 @@ def test_ui_lists_models_of_the_folder_and_the_official_ones(host):
     assert options.OFFICIAL_TEXT_ENCODER_NAME in encoders and ENCODER in encoders
 
 
+def paste(host, controls, params):
+    """modules/infotext_utils.py: on_infotext_pasted callbacks, then each field takes params[key] (or stays)."""
+    from modules import script_callbacks
+
+    params = dict(params)
+    script_callbacks.infotext_pasted_callback("", params)
+    by_control = {id(c): key for c, key in host.script.infotext_fields}
+    return [params.get(by_control[id(c)]) for c in controls]
+
+
 def test_paste_restores_every_control(host):
     controls = build(host.script)
-    fields = dict((id(c), fn) for c, fn in host.script.infotext_fields)
     params = {"ELLA": CONNECTOR, "ELLA LLM": ENCODER, "ELLA tokens": "fixed 96", "ELLA mode": "ELLA + CLIP",
               "ELLA negative": "Empty", "ELLA prompt": "a red cube", "ELLA hires": "off"}
-    restored = [fields[id(c)](params) for c in controls]
-    assert restored == [True, CONNECTOR, ENCODER, "Fixed", 96, "ELLA + CLIP", "Empty", "a red cube", False]
-    off = fields[id(controls[0])]({"Steps": "20"})
-    assert off is False
-    assert set(host.script.paste_field_names) >= {"ELLA", "ELLA LLM", "ELLA tokens", "ELLA mode"}
+    assert paste(host, controls, params) == [True, CONNECTOR, ENCODER, "Fixed", 96, "ELLA + CLIP", "Empty",
+                                             "a red cube", False]
+    assert paste(host, controls, {"Steps": "20"})[0] is False  # an image made without ELLA turns it off
+
+
+def test_send_to_copies_every_control(host):
+    # modules/infotext_utils.py connect_paste_params_buttons: "Send to" copies the source tab's fields whose key is
+    # in paste_field_names to the target tab's fields with the same key
+    source = build(host.script, False)
+    source_fields = list(host.script.infotext_fields)
+    target = build(host.script, True)
+    names = host.script.paste_field_names
+    copied_from = [c for c, key in source_fields if key in names]
+    copied_to = [c for c, key in host.script.infotext_fields if key in names]
+    assert copied_from == source and copied_to == target
 
 
 def test_infotext_round_trip_through_options():

@@ -70,5 +70,13 @@ def on_before_ui(callback, *, name=None):
     _add("before_ui", callback, name)
 
 
+def infotext_pasted_callback(infotext, params):
+    _run("infotext_pasted", infotext, params)
+
+
+def on_infotext_pasted(callback, *, name=None):
+    _add("infotext_pasted", callback, name)
+
+
 def on_script_unloaded(callback, *, name=None):
     _add("script_unloaded", callback, name)

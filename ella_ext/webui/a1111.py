@@ -34,6 +34,10 @@ def timesteps(params) -> torch.Tensor:
     return _fallback_schedule().timestep(sigma)
 
 
+def before_sampling(p, nbytes: int) -> None:
+    """A1111 has no memory manager to tell: the connector simply stays on the GPU, beside the UNet."""
+
+
 def _passes_timesteps(denoiser) -> bool:
     try:
         from modules.sd_samplers_timesteps import CFGDenoiserTimesteps

@@ -87,6 +87,11 @@ def start(p, args: Sequence[Any]) -> Generation | None:
     manager.generation_started()
     try:
         width = host.context_width(p.sd_model)
+        if width == 0:
+            raise InputError(
+                "ELLA: this checkpoint is not Stable Diffusion 1.x, 2.x or XL, and ELLA's connectors only condition "
+                "those UNets. Load an SD 1.5 checkpoint to use ELLA, or turn ELLA off."
+            )
         loaded = manager.load(options)
         if loaded.connector.config.out_width != width:
             raise InputError(
@@ -158,6 +163,16 @@ def _pass_texts(options: ELLAOptions, prompts, negatives, steps: int, hires_step
         empty_negative=options.negative == opts_mod.NEGATIVE_EMPTY,
         use_old_scheduling=use_old,
     )
+
+
+def sampling_memory(p) -> int:
+    """``process_before_every_sampling``: the bytes ELLA's per-call work may take on the GPU during this pass (0 if
+    ELLA is off for it)."""
+    generation: Generation | None = getattr(p, ATTRIBUTE, None)
+    texts = None if generation is None else generation.passes.get(bool(getattr(p, "is_hr_pass", False)))
+    if texts is None:
+        return 0
+    return generation.conditioner.working_bytes(texts.cond_rows + texts.uncond_rows)
 
 
 def fail(generation: Generation, err: BaseException) -> None:

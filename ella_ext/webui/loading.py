@@ -1,6 +1,8 @@
 """Which models the WebUI uses, where they live, and when they sit on the GPU.
 
-- The connector (67 M parameters) loads on the host's device in the UNet's dtype and stays there.
+- The connector (67 M parameters) loads in the UNet's dtype, moves to the host's device and stays there.
+- On Forge, its memory manager is asked to free room before the LLM or the connector moves onto the GPU, and to keep
+  the connector's per-call memory free while sampling (``forge.before_sampling``).
 - The LLM is loaded once and moved to its run device only to encode a batch's prompts, then back to the CPU (unless
   the user keeps it on the GPU; never under --lowvram / --medvram).
 - Picking another connector or LLM unloads the previous one; everything is unloaded after the set minutes without an
@@ -72,6 +74,7 @@ class Loaded:
     @contextlib.contextmanager
     def encoding(self) -> Iterator[object]:
         """The LLM on its run device for the duration of the block; back on the CPU afterwards if offloading."""
+        _make_room(self.encoder_key, self.llm_device)
         encoder = registry.to(self.encoder_key, self.llm_device)
         try:
             yield encoder
@@ -79,6 +82,16 @@ class Loaded:
             if self.offload and self.llm_device != CPU:
                 registry.to(self.encoder_key, CPU)
                 host.torch_gc()
+
+
+def _make_room(key: ModelKey, device: torch.device) -> None:
+    """Before a model moves onto the GPU: on Forge, its memory manager frees that much first (``host.make_room``)."""
+    if registry.device(key) == device:
+        return
+    model = registry.peek(key)
+    module = getattr(model, "model", model)  # the text encoder wraps its transformers module
+    tensors = [*module.parameters(), *module.buffers()] if isinstance(module, torch.nn.Module) else []
+    host.make_room(sum(t.numel() * t.element_size() for t in tensors), device)
 
 
 class Manager:
@@ -96,7 +109,8 @@ class Manager:
 
         device, dtype = host.device(), host.unet_dtype()
         connector_key = ModelKey.of("connector", connector_path, dtype)
-        connector = registry.get(connector_key, lambda: load_connector(connector_path, device, dtype))
+        connector = registry.get(connector_key, lambda: load_connector(connector_path, CPU, dtype))
+        _make_room(connector_key, device)
         connector = registry.to(connector_key, device)
 
         llm_device = device if settings.get("ella_llm_device") == "GPU" else CPU
@@ -108,7 +122,7 @@ class Manager:
             from ..text_encoders import EncodingCache, load_text_encoder
 
             cache = EncodingCache(int(settings.get("ella_encoding_cache")))
-            return load_text_encoder(encoder_path, CPU if offload else llm_device, llm_dtype, cache=cache)
+            return load_text_encoder(encoder_path, CPU, llm_dtype, cache=cache)  # encoding() moves it
 
         encoder = registry.get(encoder_key, load_encoder)
         for key in list(registry):  # the user picked others: free the previous models

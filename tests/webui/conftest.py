@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from ella_ext import load_connector, load_text_encoder
 from ella_ext.connector import Connector, ConnectorConfig, init_random, save_connector
 
 from ..kdiffusion import real_k_external, sd15_alphas_cumprod
 from ..tiny_llms import HIDDEN
 
 ROOT = Path(__file__).resolve().parents[2]
-DOUBLE = Path(__file__).resolve().parent / "a1111"
+sys.path.insert(0, str(Path(__file__).resolve().parent / "forge"))  # hostlayers (the doubles' layering)
+from hostlayers import LAYERS  # noqa: E402
 
 # A small connector whose output has SD 1.5's context width, reading the tiny T5's features.
 SD15_TINY = ConnectorConfig(time_channels=16, time_embed_dim=24, width=32, layers=1, heads=4, num_latents=8,
@@ -55,6 +57,20 @@ def models_dir(tmp_path_factory, tiny_t5_dir):
     return root
 
 
+@pytest.fixture(scope="module")
+def reference(models_dir):
+    """Rows computed directly from the models, one text and one timestep at a time (flexible length)."""
+    connector = load_connector(models_dir / "ELLA" / f"{CONNECTOR}.safetensors")
+    encoder = load_text_encoder(models_dir / "ELLA" / "text_encoders" / ENCODER, "cpu", torch.float32)
+
+    def row(text: str, t: float, max_length=None) -> torch.Tensor:
+        features, mask = encoder.encode([text], max_length)
+        with torch.no_grad():
+            return connector(features, torch.tensor([t]), None if max_length else mask)[0]
+
+    return row
+
+
 @dataclass
 class Recorded:
     """Each conditioner call: the row texts, the timesteps (float64 list) and the rows it returned."""
@@ -62,36 +78,81 @@ class Recorded:
     calls: list = field(default_factory=list)
 
 
+HOST_PACKAGES = ("modules", "backend", "ldm_patched", "modules_forge", "forge_common", "hostlayers")
+
+
+def _drop_host_modules():
+    for name in [m for m in sys.modules if m.split(".")[0] in HOST_PACKAGES]:
+        del sys.modules[name]
+
+
+def forge_sd_model(new: bool, context_width=768, is_sdxl=False):
+    """``shared.sd_model`` of a Forge double: the fake checkpoint plus ``forge_objects`` (original, after LoRA)."""
+    from forge_common import ForgeObjects, UnetModel, UnetPatcher
+
+    model = FakeSDModel(context_width, is_sdxl)
+    model.forge_objects = ForgeObjects(UnetPatcher(UnetModel(model.alphas_cumprod, new)))
+    model.forge_objects_original = model.forge_objects.shallow_copy()
+    model.forge_objects_after_applying_lora = model.forge_objects.shallow_copy()
+    return model
+
+
+def _load_host(kind, models_dir, monkeypatch):
+    """The host double of ``kind`` with the extension loaded as the host loads a script file."""
+    _drop_host_modules()
+    layers = LAYERS[kind]
+    for layer in reversed(layers):
+        monkeypatch.syspath_prepend(str(layer))
+    monkeypatch.syspath_prepend(str(ROOT))
+    import modules
+
+    modules.__path__ = [str(layer / "modules") for layer in layers]
+    from modules import devices, paths, script_callbacks, scripts, shared
+
+    assert devices.device is not None  # Forge imports its memory manager with devices, before any script loads
+    paths.models_path = str(models_dir)
+    shared.sd_model = FakeSDModel() if kind == "a1111" else forge_sd_model(kind == "forge-new")
+    script_callbacks.clear_callbacks()
+    script_callbacks.reported.clear()
+    scripts.reported.clear()
+    spec = importlib.util.spec_from_file_location("ella_script", ROOT / "scripts" / "ella.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return Host(module, monkeypatch, kind)
+
+
+def _unload_models():
+    from ella_ext.models import registry
+
+    registry.unload_all()
+    from ella_ext.webui.loading import manager
+
+    if manager._timer is not None:
+        manager._timer.cancel()
+
+
 @pytest.fixture
 def host(models_dir, monkeypatch):
-    """The host double with the extension loaded as the host loads a script file; yields a ``Host`` helper."""
-    for name in [m for m in sys.modules if m == "modules" or m.startswith("modules.")]:
-        del sys.modules[name]
-    monkeypatch.syspath_prepend(str(DOUBLE))
-    monkeypatch.syspath_prepend(str(ROOT))
+    """The A1111 1.10.1 double with the extension loaded; yields a ``Host`` helper."""
     with real_k_external() as k_external:
-        from modules import paths, script_callbacks, scripts, sd_samplers_kdiffusion, shared
-
-        sd_samplers_kdiffusion.k_external = k_external
-        paths.models_path = str(models_dir)
-        shared.sd_model = FakeSDModel()
-        script_callbacks.clear_callbacks()
-        script_callbacks.reported.clear()
-        scripts.reported.clear()
-        spec = importlib.util.spec_from_file_location("ella_script", ROOT / "scripts" / "ella.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        helper = Host(module, monkeypatch)
+        helper = _load_host("a1111", models_dir, monkeypatch)
+        sys.modules["modules.sd_samplers_kdiffusion"].k_external = k_external
         yield helper
-        from ella_ext.models import registry
+        _unload_models()
+    _drop_host_modules()
 
-        registry.unload_all()
-        from ella_ext.webui.loading import manager
 
-        if manager._timer is not None:
-            manager._timer.cancel()
-    for name in [m for m in sys.modules if m == "modules" or m.startswith("modules.")]:
-        del sys.modules[name]
+@pytest.fixture(params=["forge-classic", "forge-new"])
+def forge_host(request, models_dir, monkeypatch):
+    """The Forge classic and Forge new doubles with the extension loaded; yields a ``Host`` helper."""
+    with real_k_external() as k_external:
+        helper = _load_host(request.param, models_dir, monkeypatch)
+        for name in ("modules.sd_samplers_kdiffusion", "modules.a1111_sd_samplers_kdiffusion"):
+            if hasattr(sys.modules.get(name), "k_external"):
+                sys.modules[name].k_external = k_external
+        yield helper
+        _unload_models()
+    _drop_host_modules()
 
 
 def ella_args(**changes):
@@ -103,9 +164,10 @@ def ella_args(**changes):
 
 
 class Host:
-    def __init__(self, script_module, monkeypatch):
+    def __init__(self, script_module, monkeypatch, kind="a1111"):
         from ella_ext.webui import generation
 
+        self.kind = kind
         self.module = script_module
         self.script = script_module.ELLAScript()
         self.recorded = Recorded()

@@ -6,23 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ella_ext import load_connector, load_text_encoder
-
 from .conftest import CONNECTOR, ENCODER, FakeSDModel, ella_args
-
-
-@pytest.fixture(scope="module")
-def reference(models_dir):
-    """Rows computed directly from the models, one text and one timestep at a time (flexible length)."""
-    connector = load_connector(models_dir / "ELLA" / f"{CONNECTOR}.safetensors")
-    encoder = load_text_encoder(models_dir / "ELLA" / "text_encoders" / ENCODER, "cpu", torch.float32)
-
-    def row(text: str, t: float, max_length=None) -> torch.Tensor:
-        features, mask = encoder.encode([text], max_length)
-        with torch.no_grad():
-            return connector(features, torch.tensor([t]), None if max_length else mask)[0]
-
-    return row
 
 
 def sigma_to_t(p, call):

@@ -39,9 +39,11 @@ def setup_img2img_steps(p, steps=None):
 
 
 class KDiffusionSampler:
+    denoiser_class = CFGDenoiserKDiffusion  # the host builds this class here; a Forge double puts its own
+
     def __init__(self, config, sd_model):
         self.config = config
-        self.model_wrap_cfg = CFGDenoiserKDiffusion(self)
+        self.model_wrap_cfg = self.denoiser_class(self)
 
     def get_sigmas(self, p, steps):
         discard = self.config.options.get("discard_next_to_last_sigma", False)

@@ -16,9 +16,11 @@ class CFGDenoiserTimesteps(CFGDenoiser):
 
 
 class CompVisSampler:
+    denoiser_class = CFGDenoiserTimesteps  # the host builds this class here; a Forge double puts its own
+
     def __init__(self, config, sd_model):
         self.config = config
-        self.model_wrap_cfg = CFGDenoiserTimesteps(self)
+        self.model_wrap_cfg = self.denoiser_class(self)
 
     @staticmethod
     def get_timesteps(p, steps):

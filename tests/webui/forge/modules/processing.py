@@ -1,0 +1,125 @@
+"""Imitates ``modules/processing.py`` of Forge (classic and new) as far as an always-on script sees it. Forge kept
+A1111's flow (the A1111 double's classes and CLIP stand-in are reused) and adds:
+
+- per batch, ``sd_model.forge_objects = forge_objects_original.shallow_copy()`` before the prompts are set; after
+  the extra networks are activated, ``forge_objects = forge_objects_after_applying_lora.shallow_copy()`` (Forge's
+  LoRA stores its patched UNet clone in ``forge_objects_after_applying_lora``);
+- before every ``process_before_every_sampling``, ``forge_objects`` is again a shallow copy of
+  ``forge_objects_after_applying_lora``; new calls that hook twice in the hires pass: once before the reset (after
+  ``before_hr``) and once after it;
+- the sampler's ``sample`` / ``sample_img2img`` start with ``sampling_prepare(forge_objects.unet, x)`` (the double
+  calls it just before them);
+- new: ``uc = None`` when ``cfg_scale == 1`` and ``hr_uc = None`` when ``hr_cfg == 1``; ``hr_cfg`` is the hires
+  pass's CFG scale (``CFGDenoiser.forward``).
+"""
+
+import torch
+from hostlayers import a1111_module
+
+from modules import sd_samplers
+from modules.sd_samplers_cfg_denoiser import NEW
+from modules.sd_samplers_kdiffusion import KDiffusionSampler
+from modules.sd_samplers_timesteps import CompVisSampler
+
+base = a1111_module("processing")
+fake_clip, conditioning_row, create_infotext, Processed = (base.fake_clip, base.conditioning_row,
+                                                           base.create_infotext, base.Processed)
+
+
+def create_sampler(name, sd_model):
+    config = sd_samplers.find_sampler_config(name)
+    if config.family == "timesteps":
+        return CompVisSampler(config, sd_model)
+    return KDiffusionSampler(config, sd_model)
+
+
+class StableDiffusionProcessing(base.StableDiffusionProcessing):
+    def __init__(self, prompt, negative_prompt="", *, hr_cfg=None, **kwargs):
+        super().__init__(prompt, negative_prompt, **kwargs)
+        self.hr_cfg = self.cfg_scale if hr_cfg is None else hr_cfg
+
+    def setup_conds(self):
+        super().setup_conds()
+        if NEW and self.cfg_scale == 1:
+            self.uc = None
+
+    def calculate_hr_conds(self):
+        super().calculate_hr_conds()
+        if NEW and self.hr_cfg == 1:
+            self.hr_uc = None
+
+
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    pass
+
+
+class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
+    is_img2img = True
+
+
+def _activate_extra_networks(p):
+    """Forge's LoRA: a prompt with a ``<lora:...>`` tag gets a patched UNet clone; without one, the original's."""
+    sd_model = p.sd_model
+    unet = sd_model.forge_objects_original.unet
+    if any(base.re_extra_net.search(x) for x in p.all_prompts):
+        unet = unet.clone()
+        unet.lora_patches = {"lora": "patches"}
+    sd_model.forge_objects_after_applying_lora = sd_model.forge_objects_original.shallow_copy()
+    sd_model.forge_objects_after_applying_lora.unet = unet
+
+
+def _reset_forge_objects(p):
+    p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
+
+
+def _sample(p, sampler, x, c, uc, **kwargs):
+    from forge_common import sampling_prepare
+
+    from modules import devices
+
+    manager = getattr(devices, "memory_management", None) or devices.model_management  # new, classic
+    sampling_prepare(manager, p.sd_model.forge_objects.unet)
+    if kwargs or p.is_img2img:
+        return sampler.sample_img2img(p, x, x, c, uc, **kwargs)
+    return sampler.sample(p, x, c, uc)
+
+
+def process_images(p, runner):
+    runner.call("process", p)
+    infotexts = []
+    size = p.batch_size
+    sd_model = p.sd_model
+    for n in range(p.n_iter):
+        p.iteration = n
+        sd_model.forge_objects = sd_model.forge_objects_original.shallow_copy()
+        p.prompts = p.all_prompts[n * size:(n + 1) * size]
+        p.negative_prompts = p.all_negative_prompts[n * size:(n + 1) * size]
+        runner.call("before_process_batch", p, batch_number=n, prompts=p.prompts, seeds=[], subseeds=[])
+        p.parse_extra_network_prompts()
+        _activate_extra_networks(p)
+        _reset_forge_objects(p)
+        runner.call("process_batch", p, batch_number=n, prompts=p.prompts, seeds=[], subseeds=[])
+        p.setup_conds()
+        x = torch.zeros(size, 4, 8, 8)
+        sampler = create_sampler(p.sampler_name, sd_model)
+        p.denoisers.append(sampler.model_wrap_cfg)
+        _reset_forge_objects(p)
+        runner.call("process_before_every_sampling", p, x=x, noise=x, c=p.c, uc=p.uc)
+        _sample(p, sampler, x, p.c, p.uc)
+        if p.enable_hr and not p.is_img2img:
+            p.is_hr_pass = True
+            sampler = create_sampler(p.hr_sampler_name or p.sampler_name, sd_model)
+            p.denoisers.append(sampler.model_wrap_cfg)
+            p.calculate_hr_conds()
+            runner.call("before_hr", p)
+            if NEW:
+                runner.call("process_before_every_sampling", p, x=x, noise=x, c=p.hr_c, uc=p.hr_uc)
+            _reset_forge_objects(p)
+            runner.call("process_before_every_sampling", p, x=x, noise=x, c=p.hr_c, uc=p.hr_uc)
+            _sample(p, sampler, x, p.hr_c, p.hr_uc, steps=p.hr_second_pass_steps or p.steps)
+            p.is_hr_pass = False
+        infotexts += [create_infotext(p, n * size + i) for i in range(size)]
+        runner.call("postprocess_batch", p, images=x, batch_number=n)
+    processed = Processed(p, infotexts)
+    runner.call("postprocess", p, processed)
+    return processed

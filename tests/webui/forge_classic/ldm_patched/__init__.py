@@ -1,0 +1,1 @@
+"""Host double of Forge classic's ``ldm_patched`` package (see ../../forge/README.md)."""

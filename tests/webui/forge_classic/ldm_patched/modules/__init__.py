@@ -1,0 +1,1 @@
+"""Host double of Forge classic's ``ldm_patched.modules``."""

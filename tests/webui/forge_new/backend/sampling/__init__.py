@@ -1,0 +1,1 @@
+"""Host double of Forge new's ``backend.sampling``."""

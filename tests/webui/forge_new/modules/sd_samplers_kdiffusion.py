@@ -1,0 +1,40 @@
+"""Imitates ``modules/sd_samplers_kdiffusion.py`` of Forge new: ``CFGDenoiserKDiffusion.inner_model`` is
+``k_diffusion.external.ForgeScheduleLinker(shared.sd_model.forge_objects.unet.model.predictor)`` with
+``inner_model = shared.sd_model`` set on it; its ``sigmas`` are the predictor's, ``sigma_to_t`` is
+``predictor.timestep`` and ``t_to_sigma`` is ``predictor.sigma``. Sigmas and the samplers' calls are A1111's (the
+A1111 double's ``KDiffusionSampler``)."""
+
+from hostlayers import a1111_module
+
+from modules import shared
+
+base = a1111_module("sd_samplers_kdiffusion")
+setup_img2img_steps = base.setup_img2img_steps
+
+
+class ForgeScheduleLinker:
+    def __init__(self, predictor):
+        self.predictor = predictor
+
+    @property
+    def sigmas(self):
+        return self.predictor.sigmas
+
+    def sigma_to_t(self, sigma, quantize=None):
+        return self.predictor.timestep(sigma)
+
+    def t_to_sigma(self, t):
+        return self.predictor.sigma(t)
+
+
+class CFGDenoiserKDiffusion(base.CFGDenoiserKDiffusion):
+    @property
+    def inner_model(self):
+        if self.model_wrap is None:
+            self.model_wrap = ForgeScheduleLinker(shared.sd_model.forge_objects.unet.model.predictor)
+            self.model_wrap.inner_model = shared.sd_model
+        return self.model_wrap
+
+
+class KDiffusionSampler(base.KDiffusionSampler):
+    denoiser_class = CFGDenoiserKDiffusion

@@ -2,10 +2,11 @@
 
     python tools/webui_smoke.py [--url http://127.0.0.1:7860] [--connector NAME] [--text-encoder NAME] [--lora NAME]
 
-Runs txt2img (ELLA off and on, named and positional arguments, hires fix, DDIM, Heun, a batch with AND and prompt
-editing), img2img, a rejected argument, a missing connector and the token counter, and prints PASS/FAIL per check.
-The WebUI must have been started with --api, the models must be in its models/ELLA folder, and the LoRA (if given)
-in models/Lora. Exit status 1 if a check failed.
+Runs txt2img (ELLA off and on, named and positional arguments, hires fix, DDIM, Heun, CFG 1, a batch with AND and
+prompt editing), img2img, a rejected argument, a missing connector and the token counter, and prints PASS/FAIL per
+check. The WebUI must have been started with --api, the models must be in its models/ELLA folder, and the LoRA (if
+given) in models/Lora. With --forge, requests carry the fields Forge new's API needs for hires fix
+(``hr_additional_modules``, ``hr_cfg``). Exit status 1 if a check failed.
 """
 
 import argparse
@@ -25,6 +26,7 @@ parser.add_argument("--url", default="http://127.0.0.1:7860")
 parser.add_argument("--connector", default="tiny-sd15")
 parser.add_argument("--text-encoder", default="tiny-t5")
 parser.add_argument("--lora", default="testlora")
+parser.add_argument("--forge", action="store_true", help="the WebUI is Forge new: send its hires fields")
 cli = parser.parse_args()
 URL = cli.url.rstrip("/")
 ELLA = {"enabled": True, "connector": cli.connector, "text_encoder": cli.text_encoder}
@@ -53,7 +55,7 @@ def gen(name, ella_args, path="/sdapi/v1/txt2img", **kw):
         body["alwayson_scripts"] = {"ELLA": {"args": ella_args}}
     t0 = time.time()
     status, resp = call(path, body)
-    info = json.loads(resp["info"])["infotexts"][0] if status == 200 else resp
+    info = json.loads(resp["info"])["infotexts"][0] if status == 200 else json.dumps(resp)
     print(f"--- {name}: HTTP {status} in {time.time()-t0:.1f}s\n{info}\n")
     return status, resp, info
 
@@ -73,7 +75,8 @@ check("ELLA on: info text has ELLA keys and the LoRA", s1 == 200 and f"ELLA: {cl
 check("ELLA on changes the image", s0 == s1 == 200 and np.abs(image(r0) - image(r1)).mean() > 0)
 s2, r2, i2 = gen("Euler, ELLA on (positional)", [True, cli.connector, cli.text_encoder, "Fixed", 64, "ELLA + CLIP"])
 check("positional args: fixed 64, ELLA + CLIP in the info text", s2 == 200 and "ELLA tokens: fixed 64" in i2 and "ELLA mode: ELLA + CLIP" in i2)
-s3, r3, i3 = gen("Euler, hires fix, ELLA on", [ELLA], enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2, denoising_strength=0.5, hr_upscaler="Latent")
+FORGE_HIRES = {"hr_additional_modules": ["Use same choices"], "hr_cfg": 7} if cli.forge else {}
+s3, r3, i3 = gen("Euler, hires fix, ELLA on", [ELLA], enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2, denoising_strength=0.5, hr_upscaler="Latent", **FORGE_HIRES)
 check("hires fix with ELLA", s3 == 200 and "Hires upscale" in i3 and f"ELLA: {cli.connector}" in i3 and image(r3).shape[0] == 96)
 s4, r4, i4 = gen("DDIM, ELLA on", [ELLA], sampler_name="DDIM")
 check("DDIM with ELLA", s4 == 200 and f"ELLA: {cli.connector}" in i4 and "ELLA error" not in i4)
@@ -81,7 +84,9 @@ s5, r5, i5 = gen("Heun (second order), ELLA on", [ELLA], sampler_name="Heun")
 check("Heun with ELLA", s5 == 200 and f"ELLA: {cli.connector}" in i5 and "ELLA error" not in i5)
 s6, r6, i6 = gen("batch 2, AND, prompt editing", [ELLA], prompt="a [cat:dog:2] AND a red ball", batch_size=2)
 check("batch 2 with AND and prompt editing", s6 == 200 and f"ELLA: {cli.connector}" in i6 and "ELLA error" not in i6)
-init = r3["images"][0]
+s11, r11, i11 = gen("CFG 1 (Forge new: no uncond at all), ELLA on", [ELLA], cfg_scale=1)
+check("CFG 1 with ELLA", s11 == 200 and f"ELLA: {cli.connector}" in i11 and "ELLA error" not in i11)
+init = (r3 if s3 == 200 else r1 if s1 == 200 else r0)["images"][0]
 s7, r7, i7 = gen("img2img, ELLA on", [ELLA], path="/sdapi/v1/img2img", init_images=[init], denoising_strength=0.5, width=96, height=96)
 check("img2img with ELLA", s7 == 200 and f"ELLA: {cli.connector}" in i7 and "ELLA error" not in i7)
 s8, r8, i8 = gen("bad named field", [{"enabled": True, "clip": "yes"}])

@@ -136,7 +136,9 @@ def host(models_dir, monkeypatch):
     """The A1111 1.10.1 double with the extension loaded; yields a ``Host`` helper."""
     with real_k_external() as k_external:
         helper = _load_host("a1111", models_dir, monkeypatch)
-        sys.modules["modules.sd_samplers_kdiffusion"].k_external = k_external
+        from modules import sd_samplers_kdiffusion
+
+        sd_samplers_kdiffusion.k_external = k_external
         yield helper
         _unload_models()
     _drop_host_modules()
@@ -147,9 +149,11 @@ def forge_host(request, models_dir, monkeypatch):
     """The Forge classic and Forge new doubles with the extension loaded; yields a ``Host`` helper."""
     with real_k_external() as k_external:
         helper = _load_host(request.param, models_dir, monkeypatch)
-        for name in ("modules.sd_samplers_kdiffusion", "modules.a1111_sd_samplers_kdiffusion"):
-            if hasattr(sys.modules.get(name), "k_external"):
-                sys.modules[name].k_external = k_external
+        from modules import sd_samplers_kdiffusion
+
+        for module in (sd_samplers_kdiffusion, getattr(sd_samplers_kdiffusion, "base", None)):
+            if hasattr(module, "k_external"):  # classic uses the A1111 double's file; new subclasses it
+                module.k_external = k_external
         yield helper
         _unload_models()
     _drop_host_modules()
@@ -200,3 +204,19 @@ class Host:
         from modules import script_callbacks, scripts
 
         return script_callbacks.reported + scripts.reported
+
+
+def fail_conditioner_at(monkeypatch, call: int, message="CUDA out of memory (simulated)"):
+    """Make the conditioner raise at its ``call``-th call (1-based) of the generation, as an out-of-memory would."""
+    from ella_ext.webui import generation
+
+    original = generation.Conditioner.__call__
+    count = {"n": 0}
+
+    def flaky(self, texts, timesteps):
+        count["n"] += 1
+        if count["n"] == call:
+            raise RuntimeError(message)
+        return original(self, texts, timesteps)
+
+    monkeypatch.setattr(generation.Conditioner, "__call__", flaky)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .conftest import CONNECTOR, ENCODER, FakeSDModel, ella_args
+from .conftest import CONNECTOR, ENCODER, FakeSDModel, ella_args, fail_conditioner_at
 
 
 def sigma_to_t(p, call):
@@ -227,18 +227,7 @@ def test_missing_connector_says_where_to_put_it(host):
 
 def test_failure_mid_generation_falls_back_to_clip(host, monkeypatch):
     # a CUDA out-of-memory at the second call: that call and the rest use CLIP, the image is made, the info says so
-    from ella_ext.webui import generation
-
-    original = generation.Conditioner.__call__
-    count = {"n": 0}
-
-    def flaky(self, texts, timesteps):
-        count["n"] += 1
-        if count["n"] == 2:
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return original(self, texts, timesteps)
-
-    monkeypatch.setattr(generation.Conditioner, "__call__", flaky)
+    fail_conditioner_at(monkeypatch, 2)
     p, processed = host.run("a cube", steps=4)
     shapes = [c[2].shape[1] for c in p.denoisers[0].inner_calls]
     assert shapes == [8, 77, 77, 77]

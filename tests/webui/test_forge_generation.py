@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .conftest import CONNECTOR, ENCODER, ella_args, forge_sd_model
+from .conftest import CONNECTOR, ENCODER, ella_args, fail_conditioner_at, forge_sd_model
 
 
 def texts_per_call(host):
@@ -231,18 +231,7 @@ def test_other_model_families_are_refused_and_the_image_made(forge_host):
 
 
 def test_failure_mid_generation_falls_back_to_clip(forge_host, monkeypatch):
-    from ella_ext.webui import generation
-
-    original = generation.Conditioner.__call__
-    count = {"n": 0}
-
-    def flaky(self, texts, timesteps):
-        count["n"] += 1
-        if count["n"] == 2:
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return original(self, texts, timesteps)
-
-    monkeypatch.setattr(generation.Conditioner, "__call__", flaky)
+    fail_conditioner_at(monkeypatch, 2)
     p, processed = forge_host.run("a cube", steps=3)
     assert [call[0].crossattn.shape[1] for call in chunks(p)] == [8, 77, 77]
     assert "sampler call 2" in processed.infotexts[0]

@@ -69,6 +69,14 @@ class MemoryManager:
         pass
 
 
+def memory_manager_module(namespace: dict) -> None:
+    """Fill a generation's memory-manager module (its ``globals()``) with one recorder's functions and state."""
+    manager = MemoryManager()
+    namespace.update(freed=manager.freed, prepared=[], vram_state=VRAMState.NORMAL_VRAM,
+                     free_memory=manager.free_memory, minimum_inference_memory=manager.minimum_inference_memory,
+                     get_torch_device=manager.get_torch_device, soft_empty_cache=manager.soft_empty_cache)
+
+
 class DiscreteSchedule(torch.nn.Module):
     def __init__(self, alphas_cumprod):
         super().__init__()

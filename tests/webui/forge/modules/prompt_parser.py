@@ -3,17 +3,12 @@
 conditions use to pick the rows of one AND part."""
 
 import torch
+from hostlayers import a1111_module
+
+base = a1111_module("prompt_parser")
 
 
-class DictWithShape(dict):
-    def __init__(self, x, shape=None):
-        super().__init__()
-        self.update(x)
-
-    @property
-    def shape(self):
-        return self["crossattn"].shape
-
+class DictWithShape(base.DictWithShape):
     def to(self, *args, **kwargs):
         for k in self.keys():
             if isinstance(self[k], torch.Tensor):

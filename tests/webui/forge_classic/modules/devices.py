@@ -2,16 +2,14 @@
 start-up; ``device = model_management.get_torch_device()``, ``dtype_unet = model_management.unet_dtype()``,
 ``torch_gc()`` calls ``model_management.soft_empty_cache()``."""
 
-import torch
+from hostlayers import a1111_module
 from ldm_patched.modules import model_management
 
+base = a1111_module("devices")
 device = model_management.get_torch_device()
-cpu = torch.device("cpu")
-dtype_unet = torch.float16
-gc_calls = 0
+cpu, dtype_unet = base.cpu, base.dtype_unet
 
 
 def torch_gc():
-    global gc_calls
-    gc_calls += 1
+    base.torch_gc()
     model_management.soft_empty_cache()

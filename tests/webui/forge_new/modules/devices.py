@@ -2,16 +2,14 @@
 memory_management.get_torch_device()``, ``dtype_unet = memory_management.unet_dtype()``, ``torch_gc()`` calls
 ``memory_management.soft_empty_cache()``."""
 
-import torch
 from backend import memory_management
+from hostlayers import a1111_module
 
+base = a1111_module("devices")
 device = memory_management.get_torch_device()
-cpu = torch.device("cpu")
-dtype_unet = torch.float16
-gc_calls = 0
+cpu, dtype_unet = base.cpu, base.dtype_unet
 
 
 def torch_gc():
-    global gc_calls
-    gc_calls += 1
+    base.torch_gc()
     memory_management.soft_empty_cache()

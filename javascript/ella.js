@@ -1,11 +1,13 @@
 // ELLA: a live LLM token counter beside the prompt while the ELLA accordion is enabled.
 // Fixed length shows "ELLA n/max" and warns past max (the LLM reads only the first max tokens); flexible length
 // shows "ELLA n" and warns past 512 (T5's limit). Counts come from POST /ella/v1/tokens (the LLM's own tokenizer).
-// Host facts (A1111 v1.10.1 script.js): onUiLoaded(), gradioApp(); InputAccordion's checkbox is
-// "<accordion id>-checkbox"; the prompt box is "#<tab>_prompt textarea".
+// Host facts (A1111 v1.10.1 script.js, the same in both Forges): onUiLoaded(), onAfterUiUpdate() (after gradio
+// changes the page, e.g. "Send to" and paste, which fire no input events), gradioApp(); InputAccordion's checkbox
+// is "<accordion id>-checkbox"; the prompt box is "#<tab>_prompt textarea".
 (function() {
     const FLEXIBLE_LIMIT = 512;
     const DELAY_MS = 400;
+    const watchers = []; // per tab: re-count when what the counter reads changed without an event
 
     function el(selector) {
         return gradioApp().querySelector(selector);
@@ -28,17 +30,26 @@
 
         let timer = null;
         let asked = 0;
+        let counted = null; // the inputs of the last count
+
+        function inputs() {
+            const llmPrompt = value(`#ella_${tab}_llm_prompt textarea`, "");
+            const fixed = (el(`#ella_${tab}_token_length input:checked`) || {}).value === "Fixed";
+            return {
+                enabled: enabled.checked,
+                text: llmPrompt.trim() ? llmPrompt : prompt.value,
+                encoder: value(`#ella_${tab}_text_encoder input`, ""),
+                fixed: fixed,
+                limit: fixed ? parseInt(value(`#ella_${tab}_max_length input[type=number]`, "128"), 10) : FLEXIBLE_LIMIT,
+            };
+        }
 
         async function update() {
-            if (!enabled.checked) {
+            const {enabled: on, text, encoder, fixed, limit} = inputs();
+            if (!on) {
                 counter.style.display = "none";
                 return;
             }
-            const llmPrompt = value(`#ella_${tab}_llm_prompt textarea`, "");
-            const text = llmPrompt.trim() ? llmPrompt : prompt.value;
-            const encoder = value(`#ella_${tab}_text_encoder input`, "");
-            const fixed = (el(`#ella_${tab}_token_length input:checked`) || {}).value === "Fixed";
-            const limit = fixed ? parseInt(value(`#ella_${tab}_max_length input[type=number]`, "128"), 10) : FLEXIBLE_LIMIT;
             const ticket = ++asked;
             try {
                 const response = await fetch("./ella/v1/tokens", {
@@ -66,9 +77,14 @@
         }
 
         function schedule() {
+            counted = JSON.stringify(inputs());
             clearTimeout(timer);
             timer = setTimeout(update, DELAY_MS);
         }
+
+        watchers.push(function() {
+            if (JSON.stringify(inputs()) !== counted) schedule();
+        });
 
         prompt.addEventListener("input", schedule);
         enabled.addEventListener("change", schedule);
@@ -83,5 +99,9 @@
     onUiLoaded(function() {
         setup("txt2img");
         setup("img2img");
+    });
+
+    onAfterUiUpdate(function() {
+        watchers.forEach((check) => check());
     });
 })();

@@ -13,8 +13,9 @@ Host facts (AUTOMATIC1111 v1.10.1, commit 82a973c0):
   ``text_uncond`` one per image; ``params.sigma`` one value per row of ``params.x`` (cond rows, then uncond rows);
   the schedule entry is chosen with ``denoiser.step`` (the call counter).
 - ``modules/prompt_parser.py``: SDXL conditioning is a ``DictWithShape`` with ``crossattn`` and ``vector``.
-- ``modules/processing.py`` ``create_infotext``: an ``extra_generation_params`` value may be a callable taking the
-  function's locals (``p`` among them); ``None`` leaves the key out.
+- ``modules/processing.py``: ``postprocess_batch`` runs before the batch's images get their info text
+  (``create_infotext``), where a ``None`` value leaves the key out (also in Forge classic, whose ``create_infotext``
+  is A1111 1.8's: it does not call callable values, and ``Processed.js`` cannot serialise them).
 """
 
 from __future__ import annotations
@@ -54,18 +55,18 @@ class Generation:
 
     # -- info text ---------------------------------------------------------------------------------------------------
 
-    def infotext_value(self, key: str) -> Callable[..., str | None]:
-        """A per-image info-text value: the option while ELLA conditioned that image's batch, else nothing."""
-
-        def value(p=None, **_: Any) -> str | None:
-            batch = getattr(p, "iteration", self.batch)
-            if key == opts_mod.KEY_ERROR:
-                return self.failed.get(batch)
-            if not self.calls.get(batch):
-                return None
-            return self.options.infotext().get(key)
-
-        return value
+    def write_infotext(self, p, batch_done: bool) -> None:
+        """Plain values in ``p.extra_generation_params`` for the current batch: the ELLA keys if ELLA conditioned it,
+        ``ELLA error`` if it stopped. Set before the host writes the batch's images' info text; plain strings because
+        Forge classic (A1111 1.8's code) neither calls callables there nor can put them in the API's JSON."""
+        batch = self.batch
+        conditioned = bool(self.calls.get(batch))
+        for key, value in self.options.infotext().items():
+            p.extra_generation_params[key] = value if conditioned else None
+        error = self.failed.get(batch)
+        if error is None and batch_done and not conditioned and self.passes.get(False) is not None:
+            error = "ELLA was not called by this sampler; this batch uses CLIP"
+        p.extra_generation_params[opts_mod.KEY_ERROR] = error
 
 
 def parse_options(p, args: Sequence[Any]) -> ELLAOptions:
@@ -114,9 +115,6 @@ def start(p, args: Sequence[Any]) -> Generation | None:
         return None
     generation = Generation(options, loaded, conditioner)
     setattr(p, ATTRIBUTE, generation)
-    for key in options.infotext():
-        p.extra_generation_params[key] = generation.infotext_value(key)
-    p.extra_generation_params[opts_mod.KEY_ERROR] = generation.infotext_value(opts_mod.KEY_ERROR)
     return generation
 
 
@@ -163,6 +161,14 @@ def _pass_texts(options: ELLAOptions, prompts, negatives, steps: int, hires_step
         empty_negative=options.negative == opts_mod.NEGATIVE_EMPTY,
         use_old_scheduling=use_old,
     )
+
+
+def write_infotext(p, batch_done: bool = True) -> None:
+    """``postprocess_batch`` (before the host writes the batch's info texts) and ``process_before_every_sampling``
+    (for the images saved before hires fix, ``batch_done=False``): the batch's ELLA keys as plain values."""
+    generation: Generation | None = getattr(p, ATTRIBUTE, None)
+    if generation is not None:
+        generation.write_infotext(p, batch_done)
 
 
 def sampling_memory(p) -> int:

@@ -6,7 +6,8 @@
 ``setup_conds``, ``process_before_every_sampling``, the sampler, then for txt2img with hires fix ``sample_hr_pass``:
 ``is_hr_pass = True``, a new sampler (``hr_sampler_name`` or the first pass's), the hires conds, ``before_hr``,
 ``process_before_every_sampling`` again, ``sample_img2img(steps=hr_second_pass_steps or steps)``, ``is_hr_pass =
-False``; then ``create_infotext`` per image and ``postprocess_batch``; at the end ``scripts.postprocess``.
+False``; then ``postprocess_batch`` and ``create_infotext`` per image; at the end ``scripts.postprocess``, and the API or the
+UI answers with ``Processed.js()`` (JSON; a value it cannot hold becomes null).
 ``create_infotext``: a list value is indexed by the image, a callable gets the function's locals (``p``, ``index``).
 
 The double's "CLIP" gives each text a fixed pseudo-random ``[77 * k, C]`` tensor (``k`` = 75-token chunks, one per 75
@@ -14,6 +15,7 @@ words); SDXL rows are ``{"crossattn", "vector"}``. With ``controlnet=True`` ever
 marker token first (``scripts/hook.py`` ``mark_prompt_context``: +1024 for cond rows, -1024 for uncond rows).
 """
 
+import json
 import re
 import zlib
 
@@ -56,6 +58,12 @@ class Processed:
     def __init__(self, p, infotexts):
         self.infotexts = infotexts
         self.info = infotexts[0] if infotexts else ""
+        self.extra_generation_params = p.extra_generation_params
+
+    def js(self):
+        """``Processed.js``: the API's ``info``; a value JSON cannot hold becomes null."""
+        return json.dumps({"extra_generation_params": self.extra_generation_params, "infotexts": self.infotexts},
+                          default=lambda o: None)
 
 
 class StableDiffusionProcessing:
@@ -159,8 +167,9 @@ def process_images(p, runner):
             runner.call("process_before_every_sampling", p, x=x, noise=x, c=p.hr_c, uc=p.hr_uc)
             sampler.sample_img2img(p, x, x, p.hr_c, p.hr_uc, steps=p.hr_second_pass_steps or p.steps)
             p.is_hr_pass = False
-        infotexts += [create_infotext(p, n * size + i) for i in range(size)]
         runner.call("postprocess_batch", p, images=x, batch_number=n)
+        infotexts += [create_infotext(p, n * size + i) for i in range(size)]
     processed = Processed(p, infotexts)
     runner.call("postprocess", p, processed)
+    processed.js()  # the API and the UI both answer with it
     return processed

@@ -9,9 +9,13 @@ A1111's flow (the A1111 double's classes and CLIP stand-in are reused) and adds:
   ``before_hr``) and once after it;
 - the sampler's ``sample`` / ``sample_img2img`` start with ``sampling_prepare(forge_objects.unet, x)`` (the double
   calls it just before them);
+- classic's ``create_infotext`` and ``Processed.js`` are A1111 1.8's: a callable value is neither called nor
+  serialisable (the API answers HTTP 500);
 - new: ``uc = None`` when ``cfg_scale == 1`` and ``hr_uc = None`` when ``hr_cfg == 1``; ``hr_cfg`` is the hires
   pass's CFG scale (``CFGDenoiser.forward``).
 """
+
+import json
 
 import torch
 from hostlayers import a1111_module
@@ -22,8 +26,23 @@ from modules.sd_samplers_kdiffusion import KDiffusionSampler
 from modules.sd_samplers_timesteps import CompVisSampler
 
 base = a1111_module("processing")
-fake_clip, conditioning_row, create_infotext, Processed = (base.fake_clip, base.conditioning_row,
-                                                           base.create_infotext, base.Processed)
+fake_clip, conditioning_row = base.fake_clip, base.conditioning_row
+
+
+def create_infotext(p, index):
+    """New: A1111 1.10's. Classic (A1111 1.8's code): values are written as they are, a callable included."""
+    if NEW:
+        return base.create_infotext(p, index)
+    params = {"Steps": p.steps, "Sampler": p.sampler_name, **p.extra_generation_params}
+    return ", ".join(f"{k}: {v}" for k, v in params.items() if v is not None)
+
+
+class Processed(base.Processed):
+    def js(self):
+        """New: as A1111 1.10. Classic: ``json.dumps(obj)`` with no fallback, so a callable value raises."""
+        if NEW:
+            return super().js()
+        return json.dumps({"extra_generation_params": self.extra_generation_params, "infotexts": self.infotexts})
 
 
 def create_sampler(name, sd_model):
@@ -118,8 +137,9 @@ def process_images(p, runner):
             runner.call("process_before_every_sampling", p, x=x, noise=x, c=p.hr_c, uc=p.hr_uc)
             _sample(p, sampler, x, p.hr_c, p.hr_uc, steps=p.hr_second_pass_steps or p.steps)
             p.is_hr_pass = False
-        infotexts += [create_infotext(p, n * size + i) for i in range(size)]
         runner.call("postprocess_batch", p, images=x, batch_number=n)
+        infotexts += [create_infotext(p, n * size + i) for i in range(size)]
     processed = Processed(p, infotexts)
     runner.call("postprocess", p, processed)
+    processed.js()
     return processed

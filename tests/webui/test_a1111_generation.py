@@ -288,3 +288,20 @@ def test_xyz_overrides_apply_per_copy(host):
     assert first.ella_xyz == {"clip_mode": "ELLA + CLIP"}
     assert second.ella_xyz == {"token_length": "Fixed", "max_length": "64"}
     assert not hasattr(base, "ella_xyz")
+
+
+def test_info_text_per_batch_after_a_failure_in_the_first(host, monkeypatch):
+    fail_conditioner_at(monkeypatch, 1)  # the first call of batch 1: that batch is all CLIP, batch 2 is ELLA's
+    p, processed = host.run(["first", "second"], n_iter=2, steps=2)
+    first, second = processed.infotexts
+    assert "ELLA error" in first and f"ELLA: {CONNECTOR}" not in first and "this batch uses CLIP" in first
+    assert f"ELLA: {CONNECTOR}" in second and "ELLA error" not in second
+
+
+def test_info_text_says_when_the_sampler_never_called_ella(host, monkeypatch):
+    from ella_ext.webui import generation
+
+    monkeypatch.setattr(generation, "on_denoiser", lambda params, timesteps: None)
+    p, processed = host.run("a cube", steps=2)
+    assert "ELLA was not called by this sampler" in processed.infotexts[0]
+    assert f"ELLA: {CONNECTOR}" not in processed.infotexts[0]

@@ -124,9 +124,9 @@ class Conditioner:
         while len(self._pairs) > max(self.cache_entries, keep):
             self._pairs.popitem(last=False)
 
-    def working_bytes(self, rows: int) -> int:
-        """A bound on the accelerator memory the per-call path allocates beyond what is resident now (weights and
-        prepared features): one TSC pass over ``rows`` pairs, plus the result cache filled to its bound."""
+    def working_bytes(self, rows: int, calls: int) -> int:
+        """A bound on the accelerator memory ``calls`` calls of ``rows`` rows allocate beyond what is resident now
+        (weights and prepared features): one TSC pass over ``rows`` pairs, plus the results the cache can gain."""
         cfg = self.connector.config
         text = 0 if self._features is None else self._features.shape[1]
         tokens = cfg.num_latents + text
@@ -134,7 +134,8 @@ class Conditioner:
                    + 8 * tokens * cfg.width  # projected text, norms, keys and values of latents and text
                    + cfg.heads * cfg.num_latents * tokens  # attention scores
                    + 8 * cfg.num_latents * cfg.width)  # modulated latents and the 4x MLP
-        cached = max(self.cache_entries - len(self._pairs), 0) * cfg.num_latents * cfg.out_width
+        new_pairs = min(max(self.cache_entries - len(self._pairs), 0), rows * calls)  # a full cache evicts instead
+        cached = new_pairs * cfg.num_latents * cfg.out_width
         return (rows * per_row + cached) * self.connector.dtype.itemsize
 
     def release(self) -> None:

@@ -71,6 +71,7 @@ class PassTexts:
         negatives = [""] * len(negatives) if empty_negative else negatives
         self.uncond: list[Schedule] = [schedule(strip_extra_networks(text)) for text in negatives]
         self.counts = [len(parts) for parts in self.cond]
+        self.max_calls = steps if hires_steps is None else hires_steps  # the most denoiser calls the pass makes
         self._rows = [row for parts in self.cond for row in parts]
         self._at: dict[int, tuple[list[str], list[str]]] = {}
 

@@ -173,3 +173,25 @@ def test_concat_with_clip():
     assert bool((last[:, 77:] == 1).all()) and bool((last[:, :77] == 0).all())
     with pytest.raises(InputError, match="width"):
         concat_with_clip(ella, torch.zeros(2, 77, 1024))
+
+
+def test_working_bytes_bounds_the_results_calls_add(parts):
+    connector, encoder, _ = parts
+    cond = Conditioner(connector, encoder, cache_entries=16)
+    texts = ["a red cube on top of a blue sphere", "blurry"]
+    cond.prepare(texts)
+    bound = cond.working_bytes(rows=2, calls=5)
+    assert bound < cond.working_bytes(rows=4, calls=5) and bound < cond.working_bytes(rows=2, calls=6)
+
+    def held():
+        return sum(t.numel() * t.element_size() for t in cond._pairs.values())
+
+    for t in (999.0, 800.0, 600.0, 400.0, 200.0):
+        cond(texts, [t, t])
+    added = held()
+    assert 0 < added <= bound
+    # a full cache evicts instead of growing: only one pass's activations remain to reserve
+    for t in range(50):
+        cond(texts, [float(t), float(t)])
+    assert len(cond._pairs) == 16
+    assert cond.working_bytes(rows=2, calls=5) == bound - added

@@ -178,7 +178,7 @@ def sampling_memory(p) -> int:
     texts = None if generation is None else generation.passes.get(bool(getattr(p, "is_hr_pass", False)))
     if texts is None:
         return 0
-    return generation.conditioner.working_bytes(texts.cond_rows + texts.uncond_rows)
+    return generation.conditioner.working_bytes(texts.cond_rows + texts.uncond_rows, texts.max_calls)
 
 
 def fail(generation: Generation, err: BaseException) -> None:

@@ -6,8 +6,8 @@
 ``setup_conds``, ``process_before_every_sampling``, the sampler, then for txt2img with hires fix ``sample_hr_pass``:
 ``is_hr_pass = True``, a new sampler (``hr_sampler_name`` or the first pass's), the hires conds, ``before_hr``,
 ``process_before_every_sampling`` again, ``sample_img2img(steps=hr_second_pass_steps or steps)``, ``is_hr_pass =
-False``; then ``postprocess_batch`` and ``create_infotext`` per image; at the end ``scripts.postprocess``, and the API or the
-UI answers with ``Processed.js()`` (JSON; a value it cannot hold becomes null).
+False``; then ``postprocess_batch`` and ``create_infotext`` per image; at the end ``scripts.postprocess``, and the
+API or the UI answers with ``Processed.js()`` (JSON; a value it cannot hold becomes null).
 ``create_infotext``: a list value is indexed by the image, a callable gets the function's locals (``p``, ``index``).
 
 The double's "CLIP" gives each text a fixed pseudo-random ``[77 * k, C]`` tensor (``k`` = 75-token chunks, one per 75

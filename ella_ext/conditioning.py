@@ -59,6 +59,11 @@ class Conditioner:
         self._lengths += mask.sum(dim=1).tolist()
         self._rows.clear()
 
+    def needs_llm(self, texts: Sequence[str]) -> bool:
+        """Whether ``prepare(texts)`` would run the LLM (some text is neither prepared nor in the encoder's cache)."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._index]
+        return bool(new) and not self.encoder.is_cached(new, self.max_length)
+
     def _row_map(self, texts: Sequence[str]) -> list[int]:
         """The text index of each row (memoised per tuple of row texts)."""
         key = tuple(texts)

@@ -137,8 +137,16 @@ class TextEncoder:
             rows = self._cached_rows(texts, max_length)
         return _stack(rows, self.device)
 
+    def is_cached(self, texts: list[str], max_length: int | None = DEFAULT_FIXED_LENGTH) -> bool:
+        """Whether ``encode(texts, max_length)`` would be served from the cache alone (the model would not run)."""
+        with self._lock:
+            return all(self.cache.get(self._cache_key(text, max_length)) is not None for text in texts)
+
+    def _cache_key(self, text: str, max_length: int | None) -> tuple:
+        return (self.name, str(self.dtype), self.layer, text, max_length)
+
     def _cached_rows(self, texts: list[str], max_length: int | None) -> list[tuple[torch.Tensor, int]]:
-        keys = {text: (self.name, str(self.dtype), self.layer, text, max_length) for text in texts}
+        keys = {text: self._cache_key(text, max_length) for text in texts}
         found = {text: self.cache.get(key) for text, key in keys.items()}
         missing = [text for text, value in found.items() if value is None]
         if missing:

@@ -30,10 +30,9 @@ class ELLAScript(scripts.Script):
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         ADAPTER.before_sampling(p, generation.sampling_memory(p))
-        generation.write_infotext(p, batch_done=False)
 
     def postprocess_batch(self, p, *args, **kwargs):
-        generation.write_infotext(p)
+        generation.finish_batch(p)
 
     def postprocess(self, p, processed, *args):
         generation.finish(p)

@@ -22,14 +22,22 @@ Host facts (lllyasviel/stable-diffusion-webui-forge; classic at bfee03d8, new at
   every ``process_before_every_sampling``; new calls that hook twice in the hires pass (before and after the reset).
   ``UnetPatcher.clone()`` + ``add_extra_preserved_memory_during_sampling(bytes)`` (``modules_forge/unet_patcher.py``,
   ``backend/patcher/unet.py``) is the documented way to keep memory free while sampling: ``sampling_prepare`` loads
-  the UNet around it.
+  the UNet around it. A new patcher object is a new ``LoadedModel`` (``__eq__`` is identity): classic's
+  ``LoadedModel.model_load`` runs ``ModelPatcher.patch_model`` (weight patches, LoRA included) after unloading the
+  old clone; new's ``forge_patch_model`` sets object patches only (its LoRA is applied by ``refresh_loras``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import host
+
 RESERVED = "ella_reserved_bytes"  # our mark in the UNet patcher's model_options (copied by clone())
+# Forge classic re-applies the UNet's LoRA weights whenever it loads a different patcher object (its ComfyUI-style
+# ``patch_model`` on load), so a clone costs a LoRA re-patch per pass there; below this size the reservation is left
+# to the 1 GiB Forge keeps free for inference anyway. Forge new only swaps object patches on load: it always reserves.
+CLASSIC_MIN_RESERVE = 64 * 1024**2
 
 
 def timesteps(params) -> torch.Tensor:
@@ -48,6 +56,8 @@ def before_sampling(p, nbytes: int) -> None:
     objects = getattr(getattr(p, "sd_model", None), "forge_objects", None)
     unet = getattr(objects, "unet", None)
     if unet is None or nbytes <= 0 or unet.model_options.get(RESERVED):
+        return
+    if host.kind() == host.FORGE_CLASSIC and nbytes < CLASSIC_MIN_RESERVE:
         return
     unet = unet.clone()
     unet.add_extra_preserved_memory_during_sampling(nbytes)

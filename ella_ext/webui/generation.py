@@ -13,9 +13,11 @@ Host facts (AUTOMATIC1111 v1.10.1, commit 82a973c0):
   ``text_uncond`` one per image; ``params.sigma`` one value per row of ``params.x`` (cond rows, then uncond rows);
   the schedule entry is chosen with ``denoiser.step`` (the call counter).
 - ``modules/prompt_parser.py``: SDXL conditioning is a ``DictWithShape`` with ``crossattn`` and ``vector``.
-- ``modules/processing.py``: ``postprocess_batch`` runs before the batch's images get their info text
-  (``create_infotext``), where a ``None`` value leaves the key out (also in Forge classic, whose ``create_infotext``
-  is A1111 1.8's: it does not call callable values, and ``Processed.js`` cannot serialise them).
+- ``modules/processing.py``: ``create_infotext`` runs for the images saved before hires fix (``save_intermediate``,
+  after the first pass) and, after ``postprocess_batch``, for each image of the batch; a ``None`` value leaves the
+  key out (also in Forge classic, whose ``create_infotext`` is A1111 1.8's: it does not call callable values, and
+  ``Processed.js`` cannot serialise them). ``scripts/xyz_grid.py`` shallow-copies ``p`` per cell, sharing its
+  ``extra_generation_params`` with the first cell.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Generation:
     options: ELLAOptions
     loaded: Loaded
     conditioner: Conditioner
+    params: dict  # the host's p.extra_generation_params, where the info-text values go
     passes: dict[bool, PassTexts] = field(default_factory=dict)  # key: is the hires pass
     marked: dict[tuple[bool, str], bool] = field(default_factory=dict)
     batch: int = 0
@@ -55,18 +58,33 @@ class Generation:
 
     # -- info text ---------------------------------------------------------------------------------------------------
 
-    def write_infotext(self, p, batch_done: bool) -> None:
-        """Plain values in ``p.extra_generation_params`` for the current batch: the ELLA keys if ELLA conditioned it,
-        ``ELLA error`` if it stopped. Set before the host writes the batch's images' info text; plain strings because
-        Forge classic (A1111 1.8's code) neither calls callables there nor can put them in the API's JSON."""
+    def write_infotext(self, batch_done: bool = False) -> None:
+        """The info-text values of the current batch, as plain strings in the host's ``extra_generation_params``: the
+        ELLA keys once ELLA conditioned a call of it, ``ELLA error`` once it stopped. Written whenever that changes
+        (batch start, first call, failure) and at ``postprocess_batch``, so any info text the host writes meanwhile
+        (images saved before hires fix, the batch's images) is right. Plain strings, because Forge classic (A1111
+        1.8's code) neither calls callable values nor can put them in the API's JSON."""
         batch = self.batch
         conditioned = bool(self.calls.get(batch))
         for key, value in self.options.infotext().items():
-            p.extra_generation_params[key] = value if conditioned else None
+            self.params[key] = value if conditioned else None
         error = self.failed.get(batch)
-        if error is None and batch_done and not conditioned and self.passes.get(False) is not None:
+        if error is None and batch_done and not conditioned and self.passes.get(False) is not None \
+                and not _interrupted():
             error = "ELLA was not called by this sampler; this batch uses CLIP"
-        p.extra_generation_params[opts_mod.KEY_ERROR] = error
+        self.params[opts_mod.KEY_ERROR] = error
+
+
+def _interrupted() -> bool:
+    state = getattr(_shared(), "state", None)
+    return bool(getattr(state, "interrupted", False) or getattr(state, "skipped", False))
+
+
+def clear_infotext(p) -> None:
+    """Drop every ELLA key from ``p.extra_generation_params``: the XYZ plot's cells share one dict, so a cell with
+    ELLA off would otherwise show (and paste back) the previous cell's ELLA keys."""
+    for key in opts_mod.INFOTEXT_KEYS:
+        p.extra_generation_params.pop(key, None)
 
 
 def parse_options(p, args: Sequence[Any]) -> ELLAOptions:
@@ -78,6 +96,7 @@ def parse_options(p, args: Sequence[Any]) -> ELLAOptions:
 
 def start(p, args: Sequence[Any]) -> Generation | None:
     """``process()``: read the options; if ELLA is on, load the models and attach the generation to ``p``."""
+    clear_infotext(p)
     try:
         options = parse_options(p, args)
     except InputError as err:
@@ -113,7 +132,7 @@ def start(p, args: Sequence[Any]) -> Generation | None:
         log.exception("ELLA: could not start")
         _report(p, f"ELLA could not start ({type(err).__name__}: {err}); the image uses CLIP.")
         return None
-    generation = Generation(options, loaded, conditioner)
+    generation = Generation(options, loaded, conditioner, p.extra_generation_params)
     setattr(p, ATTRIBUTE, generation)
     return generation
 
@@ -131,6 +150,7 @@ def prepare_batch(p, batch_number: int) -> None:
     generation.batch = batch_number
     generation.passes.clear()
     generation.marked.clear()
+    generation.write_infotext()
     try:
         use_old = bool(getattr(getattr(_shared(), "opts", None), "use_old_scheduling", False))
         first_total = host.total_steps(p.sampler_name, p.steps)
@@ -142,7 +162,10 @@ def prepare_batch(p, batch_number: int) -> None:
             generation.passes[True] = _pass_texts(generation.options, p.hr_prompts, p.hr_negative_prompts,
                                                   first_total, hr_total, use_old)
         texts = [t for texts in generation.passes.values() for t in texts.every_text()]
-        with generation.loaded.encoding():
+        if generation.conditioner.needs_llm(texts):  # else no LLM move (on Forge: no memory freed for it)
+            with generation.loaded.encoding():
+                generation.conditioner.prepare(texts)
+        else:
             generation.conditioner.prepare(texts)
     except Exception as err:
         fail(generation, err)
@@ -163,12 +186,11 @@ def _pass_texts(options: ELLAOptions, prompts, negatives, steps: int, hires_step
     )
 
 
-def write_infotext(p, batch_done: bool = True) -> None:
-    """``postprocess_batch`` (before the host writes the batch's info texts) and ``process_before_every_sampling``
-    (for the images saved before hires fix, ``batch_done=False``): the batch's ELLA keys as plain values."""
+def finish_batch(p) -> None:
+    """``postprocess_batch`` (before the host writes the batch's info texts): the batch's final info-text values."""
     generation: Generation | None = getattr(p, ATTRIBUTE, None)
     if generation is not None:
-        generation.write_infotext(p, batch_done)
+        generation.write_infotext(batch_done=True)
 
 
 def sampling_memory(p) -> int:
@@ -196,6 +218,7 @@ def fail(generation: Generation, err: BaseException) -> None:
         message += "; this batch uses CLIP"
     generation.failed[batch] = message
     generation.passes.clear()
+    generation.write_infotext()
 
 
 def on_denoiser(params, timesteps: Callable[[Any], torch.Tensor]) -> None:
@@ -235,7 +258,9 @@ def swap(generation: Generation, texts: PassTexts, params, hires: bool, step: in
     if uncond_tensor is not None:
         params.text_uncond = _rebuild(uncond, assemble(rows[texts.cond_rows :], uncond_tensor, with_clip=with_clip,
                                                        marked=_marked(generation, (hires, "uncond"), uncond_tensor)))
-    generation.calls[generation.batch] = generation.calls.get(generation.batch, 0) + 1
+    calls = generation.calls[generation.batch] = generation.calls.get(generation.batch, 0) + 1
+    if calls == 1:
+        generation.write_infotext()
 
 
 def _marked(generation: Generation, key: tuple[bool, str], context: torch.Tensor) -> bool:

@@ -108,15 +108,18 @@ class Manager:
         encoder_path = models.ensure_text_encoder(paths, options.text_encoder, offline=offline)
 
         device, dtype = host.device(), host.unet_dtype()
-        connector_key = ModelKey.of("connector", connector_path, dtype)
-        connector = registry.get(connector_key, lambda: load_connector(connector_path, CPU, dtype))
-        _make_room(connector_key, device)
-        connector = registry.to(connector_key, device)
-
         llm_device = device if settings.get("ella_llm_device") == "GPU" else CPU
         llm_dtype = settings.llm_dtype(llm_device)
         offload = host.low_vram() or not settings.get("ella_keep_llm_on_gpu")
+        connector_key = ModelKey.of("connector", connector_path, dtype)
         encoder_key = ModelKey.of("text_encoder", encoder_path, llm_dtype)
+        for key in list(registry):  # the user picked others: free the previous models before loading these
+            if key not in (connector_key, encoder_key):
+                registry.unload(key)
+
+        connector = registry.get(connector_key, lambda: load_connector(connector_path, CPU, dtype))
+        _make_room(connector_key, device)
+        connector = registry.to(connector_key, device)
 
         def load_encoder():
             from ..text_encoders import EncodingCache, load_text_encoder
@@ -125,9 +128,6 @@ class Manager:
             return load_text_encoder(encoder_path, CPU, llm_dtype, cache=cache)  # encoding() moves it
 
         encoder = registry.get(encoder_key, load_encoder)
-        for key in list(registry):  # the user picked others: free the previous models
-            if key not in (connector_key, encoder_key):
-                registry.unload(key)
         return Loaded(connector, encoder, connector_key, encoder_key, llm_device, offload)
 
     # -- idle unloading ------------------------------------------------------------------------------------------------

@@ -305,3 +305,33 @@ def test_info_text_says_when_the_sampler_never_called_ella(host, monkeypatch):
     p, processed = host.run("a cube", steps=2)
     assert "ELLA was not called by this sampler" in processed.infotexts[0]
     assert f"ELLA: {CONNECTOR}" not in processed.infotexts[0]
+
+
+def test_info_text_of_images_saved_before_hires_fix(host):
+    p, processed = host.run("a cube", steps=2, enable_hr=True, hr_second_pass_steps=2)
+    (before,) = p.before_hires_infotexts  # written after the first pass, before any hires hook
+    assert f"ELLA: {CONNECTOR}" in before and "ELLA error" not in before
+
+
+def test_xyz_cells_share_one_dict_and_ella_off_cells_show_no_ella_keys(host):
+    # xyz_grid.py: pc = copy(p) per cell; the first cell shares p.extra_generation_params with the next cells
+    p, first = host.run("a cube", steps=1)
+    shared_params = p.extra_generation_params
+    from modules import processing, scripts
+
+    q = processing.StableDiffusionProcessingTxt2Img("a cube", steps=1, script_args=[None, *ella_args(enabled=False)])
+    q.extra_generation_params = shared_params
+    processed = processing.process_images(q, scripts.ScriptRunner(host.script))
+    assert f"ELLA: {CONNECTOR}" in first.infotexts[0]
+    assert "ELLA" not in processed.infotexts[0]
+
+
+def test_no_not_called_message_after_an_interrupt(host, monkeypatch):
+    from modules import shared
+
+    from ella_ext.webui import generation
+
+    monkeypatch.setattr(generation, "on_denoiser", lambda params, timesteps: None)
+    monkeypatch.setattr(shared.state, "interrupted", True)
+    p, processed = host.run("a cube", steps=2)
+    assert "ELLA" not in processed.infotexts[0]

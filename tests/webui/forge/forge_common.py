@@ -12,8 +12,8 @@ generation doubles; each generation's package puts these at its own import paths
 - The conditions (classic ``modules_forge/forge_sampler.py`` ``cond_from_a1111_to_patched_ldm(_weighted)``, new
   ``backend/sampling/condition.py`` ``compile_conditions`` / ``compile_weighted_conditions``): one entry per AND part
   (``zip(*cond_composition)``), rows picked with ``advanced_indexing`` when the container has it; ``c_crossattn`` is
-  what the UNet and ControlNet read. A tensor ``cond['crossattn']`` access fails on ``None`` in classic (new returns
-  None for a None uncond).
+  what the UNet and ControlNet read. New returns None for a None uncond; classic reads ``None['crossattn']`` and
+  fails (its ``forge_sample`` double raises that).
 - ``sampling_function`` (classic ``ldm_patched/modules/samplers.py``, new ``backend/sampling/sampling_function.py``):
   the uncond is dropped at CFG 1; ``calc_cond_uncond_batch`` runs chunks of one image batch each, and before the
   model ``c['control'] = control.get_control(input_x, timestep_, c.copy(), n)`` reads ``c_crossattn``; the model

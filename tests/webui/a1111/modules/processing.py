@@ -4,10 +4,12 @@
 ``p.negative_prompts`` sliced from ``all_prompts``, ``before_process_batch`` (tags still in the prompts),
 ``parse_extra_network_prompts`` (tags removed; for hires fix also from ``hr_prompts``), ``process_batch``,
 ``setup_conds``, ``process_before_every_sampling``, the sampler, then for txt2img with hires fix ``sample_hr_pass``:
-``is_hr_pass = True``, a new sampler (``hr_sampler_name`` or the first pass's), the hires conds, ``before_hr``,
-``process_before_every_sampling`` again, ``sample_img2img(steps=hr_second_pass_steps or steps)``, ``is_hr_pass =
-False``; then ``postprocess_batch`` and ``create_infotext`` per image; at the end ``scripts.postprocess``, and the
-API or the UI answers with ``Processed.js()`` (JSON; a value it cannot hold becomes null).
+``is_hr_pass = True``, ``save_intermediate`` per image (``create_infotext`` for an image saved before hires fix,
+when that setting is on; the double always makes it), a new sampler (``hr_sampler_name`` or the first pass's), the
+hires conds, ``before_hr``, ``process_before_every_sampling`` again, ``sample_img2img(steps=hr_second_pass_steps or
+steps)``, ``is_hr_pass = False``; then ``postprocess_batch`` and ``create_infotext`` per image; at the end
+``scripts.postprocess``, and the API or the UI answers with ``Processed.js()`` (JSON; a value it cannot hold
+becomes null).
 ``create_infotext``: a list value is indexed by the image, a callable gets the function's locals (``p``, ``index``).
 
 The double's "CLIP" gives each text a fixed pseudo-random ``[77 * k, C]`` tensor (``k`` = 75-token chunks, one per 75
@@ -92,6 +94,7 @@ class StableDiffusionProcessing:
         self.is_hr_pass = False
         self.iteration = 0
         self.denoisers = []  # every sampler's CFG denoiser, in order (first pass, hires pass, next batch...)
+        self.before_hires_infotexts = []  # what save_intermediate writes for the images saved before hires fix
         total = batch_size * n_iter
         self.all_prompts = prompt if isinstance(prompt, list) else [prompt] * total
         self.all_negative_prompts = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * total
@@ -160,6 +163,7 @@ def process_images(p, runner):
             sampler.sample(p, x, p.c, p.uc)
         if p.enable_hr and not p.is_img2img:
             p.is_hr_pass = True
+            p.before_hires_infotexts += [create_infotext(p, n * size + i) for i in range(size)]  # save_intermediate
             sampler = create_sampler(p.hr_sampler_name or p.sampler_name, p.sd_model)
             p.denoisers.append(sampler.model_wrap_cfg)
             p.calculate_hr_conds()

@@ -1,5 +1,6 @@
 """Imitates ``modules/shared.py`` + ``modules/options.py`` (A1111 v1.10.1): ``opts`` returns a registered option's
-default until set; ``cmd_opts`` holds the command-line flags; ``sd_model`` is the loaded checkpoint."""
+default until set; ``cmd_opts`` holds the command-line flags; ``state`` the job's interrupt/skip flags; ``sd_model``
+is the loaded checkpoint."""
 
 from types import SimpleNamespace
 
@@ -47,4 +48,5 @@ opts.data.update(use_old_scheduling=False, enable_quantization=False, skip_early
                  pad_cond_uncond_v0=False, batch_cond_uncond=True, img2img_fix_steps=False)
 
 cmd_opts = SimpleNamespace(lowvram=False, medvram=False, medvram_sdxl=False)
+state = SimpleNamespace(interrupted=False, skipped=False)  # shared_state.State: Interrupt / Skip set these
 sd_model = None

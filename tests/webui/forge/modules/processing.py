@@ -4,6 +4,8 @@ A1111's flow (the A1111 double's classes and CLIP stand-in are reused) and adds:
 - per batch, ``sd_model.forge_objects = forge_objects_original.shallow_copy()`` before the prompts are set; after
   the extra networks are activated, ``forge_objects = forge_objects_after_applying_lora.shallow_copy()`` (Forge's
   LoRA stores its patched UNet clone in ``forge_objects_after_applying_lora``);
+- ``sample_hr_pass`` writes the info text of images saved before hires fix (``save_intermediate``) before its hooks,
+  as A1111 does;
 - before every ``process_before_every_sampling``, ``forge_objects`` is again a shallow copy of
   ``forge_objects_after_applying_lora``; new calls that hook twice in the hires pass: once before the reset (after
   ``before_hr``) and once after it;
@@ -127,6 +129,7 @@ def process_images(p, runner):
         _sample(p, sampler, x, p.c, p.uc)
         if p.enable_hr and not p.is_img2img:
             p.is_hr_pass = True
+            p.before_hires_infotexts += [create_infotext(p, n * size + i) for i in range(size)]  # save_intermediate
             sampler = create_sampler(p.hr_sampler_name or p.sampler_name, sd_model)
             p.denoisers.append(sampler.model_wrap_cfg)
             p.calculate_hr_conds()

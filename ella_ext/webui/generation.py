@@ -162,10 +162,8 @@ def prepare_batch(p, batch_number: int) -> None:
             generation.passes[True] = _pass_texts(generation.options, p.hr_prompts, p.hr_negative_prompts,
                                                   first_total, hr_total, use_old)
         texts = [t for texts in generation.passes.values() for t in texts.every_text()]
-        if generation.conditioner.needs_llm(texts):  # else no LLM move (on Forge: no memory freed for it)
-            with generation.loaded.encoding():
-                generation.conditioner.prepare(texts)
-        else:
+        needs_llm = generation.conditioner.needs_llm(texts)  # else no LLM move (on Forge: no memory freed for it)
+        with generation.loaded.encoding() if needs_llm else contextlib.nullcontext():
             generation.conditioner.prepare(texts)
     except Exception as err:
         fail(generation, err)

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_tsc_module import ReferenceTSC  # noqa: E402
 
 from ella_ext.conditioning import Conditioner  # noqa: E402
-from ella_ext.connector import Connector, ConnectorConfig, init_random  # noqa: E402
+from ella_ext.connector import Connector, ConnectorConfig  # noqa: E402
+from tests.random_weights import init_random  # noqa: E402
 
 ROWS = (2, 4, 8)
 STEPS = 20

@@ -8,7 +8,7 @@ Public API (scripts, benchmarks and checks outside the WebUI use exactly these n
   returns ``(features [B, S, D], mask [B, S])``; ``max_length=None`` means flexible length.
 """
 
-from .connector import load_connector
+from .connector_file import load_connector, save_connector
 from .errors import ConnectorLoadError, ELLAError, InputError, ModelNotFoundError, TextEncoderError
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "TextEncoderError",
     "load_connector",
     "load_text_encoder",
+    "save_connector",
 ]
 
 

@@ -3,9 +3,10 @@
 A Perceiver resampler whose LayerNorms are modulated by the diffusion timestep: LLM features ``[B, S, D_in]``
 and a timestep per row go in, ``[B, latents, D_out]`` context tokens for the UNet come out.
 
-Parameter names follow the official ``ella-sd1.5-tsc-t5xl.safetensors`` so that file loads strictly. The
-configuration is read from the tensor shapes; only the head count cannot be read from them: it defaults to 8 and
-can be given as an argument or in the file's safetensors metadata under ``ella.heads`` (see README).
+Parameter names follow the official ``ella-sd1.5-tsc-t5xl.safetensors`` so that file loads strictly
+(``connector_file.py`` reads and writes the files). The configuration is read from the tensor shapes; only the head
+count cannot be read from them: it defaults to 8 and can be given as an argument or in the file's safetensors
+metadata under ``ella.heads`` (see README).
 
 The arithmetic is the reference's, arranged for fewer, larger kernels per call:
 - every adaptive-LayerNorm modulation of every block (and the latents' time shift) comes from ONE matrix product
@@ -18,11 +19,9 @@ The arithmetic is the reference's, arranged for fewer, larger kernels per call:
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,6 @@ from torch import nn
 
 from .errors import ConnectorLoadError, InputError
 
-HEADS_METADATA_KEY = "ella.heads"
 DEFAULT_HEADS = 8
 LAYERNORM_EPS = 1e-6
 _BLOCK_KEY = re.compile(r"^connector\.perceiver_blocks\.(\d+)\.attn\.in_proj_weight$")
@@ -351,132 +349,3 @@ def _apply_mod(normed: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
 
 def _modulate(x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
     return _apply_mod(F.layer_norm(x, (x.shape[-1],), eps=LAYERNORM_EPS), mod)
-
-
-# -- loading ------------------------------------------------------------------------------------------------------
-
-
-def _describe(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def check_layout(config: ConnectorConfig, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Refuse a file whose tensors differ from the layout ``config`` implies, naming the offending tensors."""
-    expected = config.expected_shapes()
-    missing = sorted(k for k in expected if k not in shapes)
-    unexpected = sorted(k for k in shapes if k not in expected)
-    wrong = sorted(
-        f"{k} {list(shapes[k])} (expected {list(expected[k])})"
-        for k in expected
-        if k in shapes and tuple(shapes[k]) != expected[k]
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_describe(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_describe(unexpected)}")
-    if wrong:
-        problems.append(f"tensors of the wrong shape: {_describe(wrong)}")
-    if problems:
-        raise ConnectorLoadError(
-            "This file is not a complete ELLA connector (" + "; ".join(problems) + "). Download the connector "
-            "again, or pick a TSC file saved in the official layout."
-        )
-
-
-def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except Exception as exc:  # safetensors raises its own error types, which differ between versions
-        raise ConnectorLoadError(
-            f"{path} is not a readable safetensors file ({exc}). It may be corrupt or a partial download: delete "
-            "it and download it again."
-        ) from exc
-    return shapes, metadata
-
-
-def _resolve_path(path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConnectorLoadError(
-            f"No connector file at {path}. Put ella-sd1.5-tsc-t5xl.safetensors (from the QQGYLab/ELLA repository "
-            "on the Hugging Face hub) in the models/ELLA folder, or give the right path."
-        )
-    if path.suffix != ".safetensors":
-        raise ConnectorLoadError(
-            f"{path.name} is not a .safetensors file. Connectors are loaded from safetensors only (pickled "
-            ".bin/.pt/.ckpt files can run code when loaded); use the .safetensors release."
-        )
-    return path
-
-
-def read_config(path: str | Path, heads: int | None = None) -> ConnectorConfig:
-    """The configuration of a connector file, from its header only (no weights are read)."""
-    shapes, metadata = _read_header(_resolve_path(path))
-    return _config_from(shapes, metadata, heads)
-
-
-def _config_from(shapes: dict, metadata: dict, heads: int | None) -> ConnectorConfig:
-    if heads is None and HEADS_METADATA_KEY in metadata:
-        try:
-            heads = int(metadata[HEADS_METADATA_KEY])
-        except ValueError as exc:
-            raise ConnectorLoadError(
-                f"The file's metadata {HEADS_METADATA_KEY}={metadata[HEADS_METADATA_KEY]!r} is not a whole number; "
-                "fix the metadata or pass heads= explicitly."
-            ) from exc
-    config = ConnectorConfig.from_shapes(shapes, heads)
-    check_layout(config, shapes)
-    return config
-
-
-def load_connector(
-    path: str | Path,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    heads: int | None = None,
-) -> Connector:
-    """Load a TSC from a safetensors file, strictly; returns the module in eval mode without gradients."""
-    from safetensors.torch import load_file
-
-    path = _resolve_path(path)
-    shapes, metadata = _read_header(path)
-    config = _config_from(shapes, metadata, heads)
-    try:
-        state = load_file(str(path))
-    except Exception as exc:
-        raise ConnectorLoadError(
-            f"{path} could not be read ({exc}). It may be corrupt or a partial download: delete it and download it "
-            "again."
-        ) from exc
-    with torch.device("meta"):
-        model = Connector(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.to(device=device, dtype=dtype)
-    model.requires_grad_(False)
-    return model.eval()
-
-
-def save_connector(model: Connector, path: str | Path) -> None:
-    """Save in the official layout, with the head count in the metadata."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    metadata = {HEADS_METADATA_KEY: str(model.config.heads), "ella.config": json.dumps(asdict(model.config))}
-    save_file(state, str(path), metadata=metadata)
-
-
-def init_random(model: Connector, generator: torch.Generator | None = None, std: float = 0.02) -> Connector:
-    """Fill every parameter with small random values (tests and benchmarks; the reference zero-inits AdaLN)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("proj_out.1.weight"):
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
-    return model

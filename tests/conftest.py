@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ella_ext.connector import Connector, ConnectorConfig, init_random, save_connector
+from ella_ext.connector import Connector, ConnectorConfig
+from ella_ext.connector_file import save_connector
+
+from .random_weights import init_random
 
 TINY = ConnectorConfig(time_channels=16, time_embed_dim=24, width=32, layers=2, heads=4, num_latents=8, input_dim=20)
 

@@ -41,7 +41,10 @@ def test_check_without_models_says_how_to_get_them(tmp_path):
 
 
 def test_check_reports_a_mismatch_clearly(tmp_path, tiny_t5_dir):
-    from ella_ext.connector import Connector, ConnectorConfig, init_random, save_connector
+    from ella_ext.connector import Connector, ConnectorConfig
+    from ella_ext.connector_file import save_connector
+
+    from .random_weights import init_random
 
     path = tmp_path / "wide.safetensors"
     save_connector(init_random(Connector(ConnectorConfig(time_channels=8, time_embed_dim=8, width=8, layers=1,

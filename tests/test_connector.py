@@ -10,10 +10,12 @@ import torch
 from safetensors.torch import save_file
 
 from ella_ext import load_connector
-from ella_ext.connector import Connector, ConnectorConfig, init_random, read_config
+from ella_ext.connector import Connector, ConnectorConfig
+from ella_ext.connector_file import read_config, save_connector
 from ella_ext.errors import ConnectorLoadError, InputError
 
 from .conftest import TINY, make_connector
+from .random_weights import init_random
 from .reference_tsc import reference_tsc, sinusoid
 
 # The official file's tensor names and shapes (a copy of the team's shared/ella-sd15-tsc-t5xl.keys.json).
@@ -83,8 +85,6 @@ def test_proj_out_and_no_proj_in(tmp_path):
     cfg = ConnectorConfig(time_channels=8, time_embed_dim=16, width=16, layers=1, heads=2, num_latents=4,
                           input_dim=None, output_dim=12)
     model = init_random(Connector(cfg), torch.Generator().manual_seed(3), std=0.3)
-    from ella_ext.connector import save_connector
-
     save_connector(model, tmp_path / "c.safetensors")
     loaded = load_connector(tmp_path / "c.safetensors")
     assert loaded.config == cfg

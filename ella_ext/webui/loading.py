@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .. import models
-from ..connector import Connector, load_connector
+from ..connector import Connector
+from ..connector_file import load_connector
 from ..models import ModelKey, ModelPaths, registry
 from ..options import ELLAOptions
 from . import host, settings

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from ella_ext import load_connector, load_text_encoder
-from ella_ext.connector import Connector, ConnectorConfig, init_random, save_connector
+from ella_ext.connector import Connector, ConnectorConfig
+from ella_ext.connector_file import save_connector
 
 from ..kdiffusion import real_k_external, sd15_alphas_cumprod
+from ..random_weights import init_random
 from ..tiny_llms import HIDDEN
 
 ROOT = Path(__file__).resolve().parents[2]

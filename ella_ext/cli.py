@@ -54,7 +54,7 @@ def _peak_memory(device: torch.device) -> str:
 
 def _default_paths(models_dir: Path) -> tuple[Path | None, Path | None, Path, Path]:
     """The first connector and text encoder already on disk (the official ones first), and the two folders."""
-    from .models import ModelPaths, list_connectors, list_text_encoders
+    from .model_files import ModelPaths, list_connectors, list_text_encoders
 
     paths = ModelPaths.from_models_root(models_dir)
 

@@ -179,14 +179,3 @@ def _concat_padded(a: torch.Tensor, a_mask: torch.Tensor, b: torch.Tensor, b_mas
 
     (a, a_mask), (b, b_mask) = pad(a, a_mask), pad(b, b_mask)
     return torch.cat([a, b]), torch.cat([a_mask, b_mask])
-
-
-def concat_with_clip(ella: torch.Tensor, clip: torch.Tensor, ella_first: bool = True) -> torch.Tensor:
-    """ELLA's tokens and CLIP's along the token axis (``[R, 64 + 77k, W]``), in CLIP's dtype and device."""
-    if ella.shape[0] != clip.shape[0] or ella.shape[-1] != clip.shape[-1]:
-        raise InputError(
-            f"ELLA + CLIP needs the same rows and width: ELLA gives {list(ella.shape)}, CLIP {list(clip.shape)}. "
-            "The connector's output width must match the checkpoint's text width."
-        )
-    ella = ella.to(device=clip.device, dtype=clip.dtype)
-    return torch.cat([ella, clip] if ella_first else [clip, ella], dim=1)

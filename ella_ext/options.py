@@ -1,5 +1,5 @@
 """The user's ELLA choices for one generation: parsed from the UI's positional values or from a dict of named fields
-(the API), validated with messages that say what is allowed, and written to / read from the image's info text.
+(the API), validated with messages that say what is allowed. (The image's info text: ``webui/infotext.py``.)
 
 Host-free: standard library only.  The positional order below is the order of the UI controls and of the API's
 ``alwayson_scripts: {"ELLA": {"args": [...]}}`` list; it is part of the public API and only ever grows at the end.
@@ -7,7 +7,6 @@ Host-free: standard library only.  The positional order below is the order of th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
@@ -26,18 +25,6 @@ TOKEN_LENGTHS = (FLEXIBLE, FIXED)
 CLIP_MODES = (ELLA_ONLY, ELLA_AND_CLIP)
 NEGATIVE_MODES = (NEGATIVE_LLM, NEGATIVE_EMPTY)
 MAX_LENGTH_RANGE = (1, 512)
-
-# Info-text keys (the image's parameters). "ELLA" holds the connector and is present only when ELLA ran.
-KEY_CONNECTOR = "ELLA"
-KEY_TEXT_ENCODER = "ELLA LLM"
-KEY_TOKENS = "ELLA tokens"
-KEY_MODE = "ELLA mode"
-KEY_NEGATIVE = "ELLA negative"
-KEY_PROMPT = "ELLA prompt"
-KEY_HIRES = "ELLA hires"
-KEY_ERROR = "ELLA error"
-INFOTEXT_KEYS = (KEY_CONNECTOR, KEY_TEXT_ENCODER, KEY_TOKENS, KEY_MODE, KEY_NEGATIVE, KEY_PROMPT, KEY_HIRES, KEY_ERROR)
-
 
 @dataclasses.dataclass(frozen=True)
 class ELLAOptions:
@@ -65,21 +52,6 @@ class ELLAOptions:
     def replace(self, **changes: Any) -> ELLAOptions:
         """A copy with ``changes`` applied, validated like API input."""
         return from_mapping({**dataclasses.asdict(self), **changes})
-
-    def infotext(self) -> dict[str, str]:
-        """The image-parameter entries for a generation that ran with these options."""
-        fields = {
-            KEY_CONNECTOR: self.connector,
-            KEY_TEXT_ENCODER: self.text_encoder,
-            KEY_TOKENS: "flexible" if self.fixed_length is None else f"fixed {self.max_length}",
-            KEY_MODE: self.clip_mode,
-            KEY_NEGATIVE: self.negative,
-        }
-        if self.llm_prompt.strip():
-            fields[KEY_PROMPT] = self.llm_prompt
-        if not self.hires:
-            fields[KEY_HIRES] = "off"
-        return fields
 
 
 FIELD_NAMES = tuple(field.name for field in dataclasses.fields(ELLAOptions))
@@ -177,47 +149,3 @@ def from_script_args(args: Sequence[Any]) -> ELLAOptions:
             f"ELLA: takes at most {len(FIELD_NAMES)} arguments ({', '.join(FIELD_NAMES)}), got {len(args)}."
         )
     return from_mapping(dict(zip(FIELD_NAMES, args)))
-
-
-# One info-text key per UI control, so that the host's "Send to" buttons (which copy controls whose key is in
-# ``paste_field_names``) and pasted text (``paste_params`` fills the derived keys) both restore every control.
-PASTE_KEYS = {
-    "enabled": "ELLA enabled",
-    "connector": KEY_CONNECTOR,
-    "text_encoder": KEY_TEXT_ENCODER,
-    "token_length": "ELLA token length",
-    "max_length": "ELLA max tokens",
-    "clip_mode": KEY_MODE,
-    "negative": KEY_NEGATIVE,
-    "llm_prompt": KEY_PROMPT,
-    "hires": "ELLA hires pass",
-}
-
-
-def paste_params(params: Mapping[str, str]) -> dict[str, Any]:
-    """The per-control keys derived from pasted image parameters (added to them before the host applies them)."""
-    return {PASTE_KEYS[name]: value for name, value in from_infotext(params).items()}
-
-
-def from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
-    """UI values restored from pasted image parameters: every field, ``enabled`` False when ELLA did not run."""
-    if KEY_CONNECTOR not in params:
-        return {"enabled": False}
-    tokens = str(params.get(KEY_TOKENS, "flexible")).strip().lower()
-    restored: dict[str, Any] = {"enabled": True, "connector": str(params[KEY_CONNECTOR])}
-    if KEY_TEXT_ENCODER in params:
-        restored["text_encoder"] = str(params[KEY_TEXT_ENCODER])
-    if tokens.startswith("fixed"):
-        restored["token_length"] = FIXED
-        number = tokens.removeprefix("fixed").strip()
-        if number.isdigit():
-            restored["max_length"] = int(number)
-    else:
-        restored["token_length"] = FLEXIBLE
-    for key, name in ((KEY_MODE, "clip_mode"), (KEY_NEGATIVE, "negative")):
-        if key in params:
-            with contextlib.suppress(InputError):  # an unknown value from a newer version: keep the UI's
-                restored[name] = _choice(name, str(params[key]))
-    restored["llm_prompt"] = str(params.get(KEY_PROMPT, ""))
-    restored["hires"] = str(params.get(KEY_HIRES, "on")).strip().lower() != "off"
-    return restored

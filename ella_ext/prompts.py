@@ -13,16 +13,12 @@ Public names
     ``AND`` sub-prompts with their ``:weight``, in host order (host ``get_multicond_prompt_list``).
 ``prompt_schedule(prompt, steps, hires_steps=None, use_old_scheduling=False) -> list[tuple[int, str]]``
     ``(end_step, text)`` pairs, the host's ``get_learned_conditioning_prompt_schedules`` for one prompt.
-``text_at_step(prompt, step, steps, hires_steps=None, use_old_scheduling=False) -> str``
-    The schedule text the host uses at sampling ``step`` (emphasis syntax still in it).
 ``attention_segments(text) -> list[tuple[str, float]]``
     The host's ``parse_prompt_attention``: text runs and their emphasis multipliers, ``("BREAK", -1.0)`` markers.
 ``emphasis_weights(text) -> tuple[str, list[float]]``
     The cleaned text and one emphasis multiplier per word of it.
 ``clean_text(text) -> str``
     Emphasis brackets, escapes and BREAK removed, whitespace normalised.
-``llm_texts(prompt, step, steps, hires_steps=None, use_old_scheduling=False, negative=False)``
-    ``-> list[tuple[str, float]]``: everything above in host order, one ``(text, weight)`` row per sub-prompt.
 
 Steps
 -----
@@ -61,11 +57,9 @@ __all__ = [
     "attention_segments",
     "clean_text",
     "emphasis_weights",
-    "llm_texts",
     "prompt_schedule",
     "split_and",
     "strip_extra_networks",
-    "text_at_step",
 ]
 
 # extra_networks.py: a tag is "<" word ":" anything-but-">" ">".
@@ -337,14 +331,6 @@ def prompt_schedule(
     return list(_schedule(prompt, _Timeline.of(steps, hires_steps, use_old_scheduling)))
 
 
-def text_at_step(
-    prompt: str, step: int, steps: int, hires_steps: int | None = None, use_old_scheduling: bool = False
-) -> str:
-    """The schedule text the host conditions on at sampling ``step`` (its 0-based ``current_step``)."""
-    schedule = prompt_schedule(prompt, steps, hires_steps, use_old_scheduling)
-    return next((text for end, text in schedule if step <= end), schedule[0][1])
-
-
 # ------------------------------------------------------------------------------------------------ emphasis, BREAK
 
 
@@ -442,26 +428,3 @@ def _word_weight(word: list[tuple[str, float]]) -> float:
 def clean_text(text: str) -> str:
     """The text with emphasis brackets, escapes and BREAK removed and whitespace normalised."""
     return emphasis_weights(text)[0]
-
-
-# ---------------------------------------------------------------------------------------------------------- the lot
-
-
-def llm_texts(
-    prompt: str,
-    step: int,
-    steps: int,
-    hires_steps: int | None = None,
-    use_old_scheduling: bool = False,
-    negative: bool = False,
-) -> list[tuple[str, float]]:
-    """``(text, weight)`` per sub-prompt in host order, cleaned for the LLM at sampling ``step``.
-
-    The host's order: extra-network tags out, ``AND`` split (not for a ``negative`` prompt, which the host encodes
-    whole), scheduling resolved at the step, then emphasis and BREAK removed.  An empty prompt gives ``[("", 1.0)]``.
-    """
-    prompt = strip_extra_networks(prompt)
-    rows = [(prompt, 1.0)] if negative else split_and(prompt)
-    return [
-        (clean_text(text_at_step(text, step, steps, hires_steps, use_old_scheduling)), weight) for text, weight in rows
-    ]

@@ -3,7 +3,7 @@
 The TSC was trained on DDPM timestep indices 0..999. k-diffusion samplers hand the model a sigma; a model's
 ``alphas_cumprod`` gives the sigma of every discrete timestep, ``sigma_t = sqrt((1 - a_t) / a_t)``, and a sigma in
 between maps to a fractional timestep by linear interpolation in log-sigma (what k-diffusion's
-``DiscreteSchedule.sigma_to_t`` does), or to the nearest discrete timestep when quantised. Samplers that already
+``DiscreteSchedule.sigma_to_t`` does). Samplers that already
 work in timesteps (DDIM, PLMS, UniPC in A1111) need no mapping.
 """
 
@@ -20,7 +20,7 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 
 class TimestepSchedule:
-    """A discrete schedule's sigmas (ascending with the timestep), mapping sigmas to timesteps and back."""
+    """A discrete schedule's sigmas (ascending with the timestep), mapping sigmas to timesteps."""
 
     def __init__(self, sigmas: torch.Tensor):
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
@@ -44,8 +44,8 @@ class TimestepSchedule:
     def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor) -> TimestepSchedule:
         return cls(sigmas_from_alphas_cumprod(alphas_cumprod).float())
 
-    def timestep(self, sigma: torch.Tensor | float, quantize: bool = False) -> torch.Tensor:
-        """Fractional (or, quantised, the nearest discrete) timestep of each sigma; float32, same shape."""
+    def timestep(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """Fractional timestep of each sigma; float32, same shape."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32)
         log_sigmas = self._log_sigmas(sigma.device)
         log_sigma = sigma.log().reshape(-1)
@@ -53,20 +53,5 @@ class TimestepSchedule:
         # Index of the last schedule entry <= log_sigma (0 when there is none), kept below the final entry.
         low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, last - 1)
         low_value, high_value = log_sigmas[low], log_sigmas[low + 1]
-        if quantize:
-            nearest = torch.where((log_sigma - low_value).abs() <= (high_value - log_sigma).abs(), low, low + 1)
-            below = log_sigma < log_sigmas[0]
-            return torch.where(below, torch.zeros_like(nearest), nearest).to(torch.float32).reshape(sigma.shape)
         weight = ((low_value - log_sigma) / (low_value - high_value)).clamp(0, 1)
         return ((1 - weight) * low + weight * (low + 1)).reshape(sigma.shape)
-
-    def sigma(self, timestep: torch.Tensor | float) -> torch.Tensor:
-        """Inverse of ``timestep`` (log-linear between the discrete entries)."""
-        timestep = torch.as_tensor(timestep, dtype=torch.float32)
-        last = self.log_sigmas.shape[0] - 1
-        if bool(((timestep < 0) | (timestep > last)).any()):
-            raise InputError(f"Timesteps run from 0 to {last}; got {timestep.min().item()}..{timestep.max().item()}.")
-        log_sigmas = self._log_sigmas(timestep.device)
-        low, high = timestep.floor().long(), timestep.ceil().long()
-        frac = timestep - low
-        return ((1 - frac) * log_sigmas[low] + frac * log_sigmas[high]).exp()

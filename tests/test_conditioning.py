@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ella_ext import load_connector, load_text_encoder
-from ella_ext.conditioning import Conditioner, concat_with_clip
+from ella_ext.conditioning import Conditioner
 from ella_ext.errors import InputError, TextEncoderError
 
 from .conftest import TINY
@@ -161,18 +161,6 @@ def test_half_precision_connector(parts, tiny_connector_file):
     full = Conditioner(connector, encoder)(texts, t)
     assert low.dtype == torch.float16 and low.shape == full.shape
     assert ((low.float() - full).norm() / full.norm()) < 0.02  # fp16 weights and arithmetic, amplified by the toy net
-
-
-def test_concat_with_clip():
-    ella = torch.ones(2, 64, 768)
-    clip = torch.zeros(2, 77, 768, dtype=torch.float16)
-    both = concat_with_clip(ella, clip)
-    assert both.shape == (2, 141, 768) and both.dtype == torch.float16
-    assert bool((both[:, :64] == 1).all()) and bool((both[:, 64:] == 0).all())
-    last = concat_with_clip(ella, clip, ella_first=False)
-    assert bool((last[:, 77:] == 1).all()) and bool((last[:, :77] == 0).all())
-    with pytest.raises(InputError, match="width"):
-        concat_with_clip(ella, torch.zeros(2, 77, 1024))
 
 
 def test_working_bytes_bounds_the_results_calls_add(parts):

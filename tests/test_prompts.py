@@ -19,15 +19,29 @@ from ella_ext.prompts import (
     attention_segments,
     clean_text,
     emphasis_weights,
-    llm_texts,
     prompt_schedule,
     split_and,
     strip_extra_networks,
-    text_at_step,
 )
 
 ROUND = 1.1  # PP parse_prompt_attention: round_bracket_multiplier
 SQUARE = 1 / 1.1  # PP parse_prompt_attention: square_bracket_multiplier
+
+
+def text_at_step(prompt, step, steps, hires_steps=None, use_old_scheduling=False) -> str:
+    """DN: the schedule entry the host conditions on at 0-based ``step`` (the first with ``step <= end``, else the
+    first entry)."""
+    schedule = prompt_schedule(prompt, steps, hires_steps, use_old_scheduling)
+    return next((text for end, text in schedule if step <= end), schedule[0][1])
+
+
+def llm_texts(prompt, step, steps, hires_steps=None, use_old_scheduling=False, negative=False):
+    """What the LLM reads per sub-prompt at ``step``, composed in the host's order (tags out, AND split unless a
+    negative prompt, schedule at the step, emphasis and BREAK removed)."""
+    prompt = strip_extra_networks(prompt)
+    rows = [(prompt, 1.0)] if negative else split_and(prompt)
+    return [(clean_text(text_at_step(text, step, steps, hires_steps, use_old_scheduling)), weight)
+            for text, weight in rows]
 
 
 def alternating(steps: int, *texts: str) -> list[tuple[int, str]]:

@@ -16,9 +16,9 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from .. import models, options
+from .. import model_files, options
 from ..errors import ELLAError
-from ..session import PassTexts
+from ..pass_rows import PassTexts
 from . import loading
 
 log = logging.getLogger("ella")
@@ -38,8 +38,8 @@ def models_listing() -> dict[str, Any]:
                 for e in entries.values()]
 
     return {
-        "connectors": rows(models.list_connectors(paths)),
-        "text_encoders": rows(models.list_text_encoders(paths)),
+        "connectors": rows(model_files.list_connectors(paths)),
+        "text_encoders": rows(model_files.list_text_encoders(paths)),
         "args": list(options.FIELD_NAMES),
         "defaults": {name: getattr(options.DEFAULTS, name) for name in options.FIELD_NAMES},
         "choices": {"token_length": list(options.TOKEN_LENGTHS), "clip_mode": list(options.CLIP_MODES),
@@ -63,7 +63,7 @@ def _tokenizer(name: str):
         if name in _tokenizers:
             _tokenizers.move_to_end(name)
             return _tokenizers[name]
-    path = models.ensure_text_encoder(loading.model_paths(), name, offline=True)
+    path = model_files.ensure_text_encoder(loading.model_paths(), name, offline=True)
     tokenizer = load_tokenizer(path)
     with _tokenizer_lock:
         _tokenizers[name] = tokenizer

@@ -34,9 +34,9 @@ from .. import options as opts_mod
 from ..conditioning import Conditioner
 from ..errors import ELLAError, InputError
 from ..options import ELLAOptions
-from ..session import PassTexts, assemble, has_controlnet_mark, row_timesteps
-from . import host, settings
-from .loading import Loaded, manager
+from ..pass_rows import PassTexts, assemble, has_controlnet_mark, row_timesteps
+from . import host, infotext, settings
+from .loading import LoadedModels, manager
 
 log = logging.getLogger("ella")
 
@@ -47,7 +47,7 @@ XYZ_ATTRIBUTE = "ella_xyz"  # overrides set by the XYZ plot's axes
 @dataclass
 class Generation:
     options: ELLAOptions
-    loaded: Loaded
+    loaded: LoadedModels
     conditioner: Conditioner
     params: dict  # the host's p.extra_generation_params, where the info-text values go
     passes: dict[bool, PassTexts] = field(default_factory=dict)  # key: is the hires pass
@@ -64,27 +64,17 @@ class Generation:
         (batch start, first call, failure) and at ``postprocess_batch``, so any info text the host writes meanwhile
         (images saved before hires fix, the batch's images) is right. Plain strings, because Forge classic (A1111
         1.8's code) neither calls callable values nor can put them in the API's JSON."""
-        batch = self.batch
-        conditioned = bool(self.calls.get(batch))
-        for key, value in self.options.infotext().items():
-            self.params[key] = value if conditioned else None
-        error = self.failed.get(batch)
+        conditioned = bool(self.calls.get(self.batch))
+        error = self.failed.get(self.batch)
         if error is None and batch_done and not conditioned and self.passes.get(False) is not None \
                 and not _interrupted():
             error = "ELLA was not called by this sampler; this batch uses CLIP"
-        self.params[opts_mod.KEY_ERROR] = error
+        infotext.write(self.params, self.options, conditioned=conditioned, error=error)
 
 
 def _interrupted() -> bool:
     state = getattr(_shared(), "state", None)
     return bool(getattr(state, "interrupted", False) or getattr(state, "skipped", False))
-
-
-def clear_infotext(p) -> None:
-    """Drop every ELLA key from ``p.extra_generation_params``: the XYZ plot's cells share one dict, so a cell with
-    ELLA off would otherwise show (and paste back) the previous cell's ELLA keys."""
-    for key in opts_mod.INFOTEXT_KEYS:
-        p.extra_generation_params.pop(key, None)
 
 
 def parse_options(p, args: Sequence[Any]) -> ELLAOptions:
@@ -96,7 +86,7 @@ def parse_options(p, args: Sequence[Any]) -> ELLAOptions:
 
 def start(p, args: Sequence[Any]) -> Generation | None:
     """``process()``: read the options; if ELLA is on, load the models and attach the generation to ``p``."""
-    clear_infotext(p)
+    infotext.clear(p.extra_generation_params)
     try:
         options = parse_options(p, args)
     except InputError as err:
@@ -139,7 +129,7 @@ def start(p, args: Sequence[Any]) -> Generation | None:
 
 def _report(p, message: str) -> None:
     log.warning("%s", message)
-    p.extra_generation_params[opts_mod.KEY_ERROR] = message
+    p.extra_generation_params[infotext.KEY_ERROR] = message
 
 
 def prepare_batch(p, batch_number: int) -> None:

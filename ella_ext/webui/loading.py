@@ -7,7 +7,7 @@
   the user keeps it on the GPU; never under --lowvram / --medvram).
 - Picking another connector or LLM unloads the previous one; everything is unloaded after the set minutes without an
   ELLA generation, or on the UI's button.
-All loaded models live in the core's registry (``ella_ext.models.registry``), the project's only long-lived state.
+All loaded models live in the core's registry (``ella_ext.registry``), the project's only long-lived state.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from .. import models
+from .. import model_files
 from ..connector import Connector
 from ..connector_file import load_connector
-from ..models import ModelKey, ModelPaths, registry
+from ..model_files import ModelPaths
 from ..options import ELLAOptions
+from ..registry import ModelKey, registry
 from . import host, settings
 
 log = logging.getLogger("ella")
@@ -37,34 +38,35 @@ def model_paths() -> ModelPaths:
     folder = str(settings.get("ella_models_dir") or "").strip()
     if folder:
         root = Path(folder).expanduser()
-        return ModelPaths(root, root / models.TEXT_ENCODER_DIR)
+        return ModelPaths(root, root / model_files.TEXT_ENCODER_DIR)
     return ModelPaths.from_models_root(host.models_root())
 
 
 def connector_choices() -> list[str]:
-    return list(models.list_connectors(model_paths()))
+    return list(model_files.list_connectors(model_paths()))
 
 
 def text_encoder_choices() -> list[str]:
-    return list(models.list_text_encoders(model_paths()))
+    return list(model_files.list_text_encoders(model_paths()))
 
 
 def describe_missing() -> str:
     """A line for the UI when the official models are not on disk yet (empty when they are)."""
     paths = model_paths()
-    missing = [e for e in (*models.list_connectors(paths).values(), *models.list_text_encoders(paths).values())
-               if e.official and not e.available]
+    entries = [*model_files.list_connectors(paths).values(), *model_files.list_text_encoders(paths).values()]
+    missing = [e for e in entries if e.official and not e.available]
     if not missing:
         return ""
     names = " and ".join(e.name for e in missing)
-    if settings.get("ella_allow_download") and not models.is_offline():
+    if settings.get("ella_allow_download") and not model_files.is_offline():
         return f"{names} will be downloaded to {paths.connectors} at the first generation (about 5 GB in all)."
-    return (f"{names} missing: downloads are off. Get {models.official_connector_url()} into {paths.connectors} "
-            f"and google/flan-t5-xl's text_encoder folder into {paths.text_encoders / models.OFFICIAL_TEXT_ENCODER}.")
+    encoder_folder = paths.text_encoders / model_files.OFFICIAL_TEXT_ENCODER
+    return (f"{names} missing: downloads are off. Get {model_files.official_connector_url()} into {paths.connectors} "
+            f"and google/flan-t5-xl's text_encoder folder into {encoder_folder}.")
 
 
 @dataclass
-class Loaded:
+class LoadedModels:
     connector: Connector
     encoder: object
     connector_key: ModelKey
@@ -95,18 +97,18 @@ def _make_room(key: ModelKey, device: torch.device) -> None:
     host.make_room(sum(t.numel() * t.element_size() for t in tensors), device)
 
 
-class Manager:
+class ModelManager:
     """Loads what a generation asks for and unloads it after a while without ELLA."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
 
-    def load(self, options: ELLAOptions) -> Loaded:
+    def load(self, options: ELLAOptions) -> LoadedModels:
         paths = model_paths()
         offline = None if settings.get("ella_allow_download") else True
-        connector_path = models.ensure_connector(paths, options.connector, offline=offline)
-        encoder_path = models.ensure_text_encoder(paths, options.text_encoder, offline=offline)
+        connector_path = model_files.ensure_connector(paths, options.connector, offline=offline)
+        encoder_path = model_files.ensure_text_encoder(paths, options.text_encoder, offline=offline)
 
         device, dtype = host.device(), host.unet_dtype()
         llm_device = device if settings.get("ella_llm_device") == "GPU" else CPU
@@ -129,7 +131,7 @@ class Manager:
             return load_text_encoder(encoder_path, CPU, llm_dtype, cache=cache)  # encoding() moves it
 
         encoder = registry.get(encoder_key, load_encoder)
-        return Loaded(connector, encoder, connector_key, encoder_key, llm_device, offload)
+        return LoadedModels(connector, encoder, connector_key, encoder_key, llm_device, offload)
 
     # -- idle unloading ------------------------------------------------------------------------------------------------
 
@@ -167,4 +169,4 @@ class Manager:
         return count
 
 
-manager = Manager()
+manager = ModelManager()

@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 
 from .. import options
-from . import loading
+from . import infotext, loading
 
 CONTROL_NAMES = options.FIELD_NAMES  # the UI returns its controls in this order: the script's args
 
@@ -66,14 +66,14 @@ def build(script, is_img2img: bool) -> list[Any]:
         unload.click(fn=_unload, inputs=[], outputs=[status])
 
     controls = [enabled, connector, text_encoder, token_length, max_length, clip_mode, negative, llm_prompt, hires]
-    script.infotext_fields = [(control, options.PASTE_KEYS[name]) for name, control in zip(CONTROL_NAMES, controls)]
-    script.paste_field_names = list(options.PASTE_KEYS.values())
+    script.infotext_fields = [(control, infotext.PASTE_KEYS[name]) for name, control in zip(CONTROL_NAMES, controls)]
+    script.paste_field_names = list(infotext.PASTE_KEYS.values())
     return controls
 
 
 def on_infotext_pasted(_infotext: str, params: dict[str, Any]) -> None:
     """``on_infotext_pasted``: derive one key per control from the image's ELLA parameters (ELLA off when absent)."""
-    params.update(options.paste_params(params))
+    params.update(infotext.paste_params(params))
 
 
 def _choices(list_names, default: str) -> list[str]:

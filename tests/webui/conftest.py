@@ -124,7 +124,7 @@ def _load_host(kind, models_dir, monkeypatch):
 
 
 def _unload_models():
-    from ella_ext.models import registry
+    from ella_ext.registry import registry
 
     registry.unload_all()
     from ella_ext.webui.loading import manager

@@ -263,7 +263,7 @@ def test_api_bad_dict_is_reported_and_image_made(host):
 
 
 def test_state_is_dropped_and_nothing_grows(host):
-    from ella_ext.models import registry
+    from ella_ext.registry import registry
     from ella_ext.webui.generation import ATTRIBUTE
 
     p, _ = host.run("a cube", steps=2)

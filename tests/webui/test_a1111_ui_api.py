@@ -7,6 +7,7 @@ import gradio as gr
 import pytest
 
 from ella_ext import options
+from ella_ext.webui import infotext
 
 from .conftest import CONNECTOR, ENCODER
 
@@ -69,7 +70,7 @@ def test_send_to_copies_every_control(host):
 def test_infotext_round_trip_through_options():
     chosen = options.ELLAOptions(True, "c", "e", options.FIXED, 77, options.ELLA_AND_CLIP, options.NEGATIVE_EMPTY,
                                  "x", False)
-    assert options.from_mapping(options.from_infotext(chosen.infotext())) == chosen
+    assert options.from_mapping(infotext.from_infotext(infotext.values(chosen))) == chosen
 
 
 def test_settings_section(host):
@@ -180,7 +181,7 @@ def test_other_requests_untouched(client):
 def test_models_unload_after_idle_minutes_and_on_the_button(host, monkeypatch):
     from modules import shared
 
-    from ella_ext.models import registry
+    from ella_ext.registry import registry
     from ella_ext.webui import loading
 
     host.run("a cube", steps=1)

@@ -262,8 +262,8 @@ def test_failure_mid_generation_falls_back_to_clip(forge_host, monkeypatch):
 
 
 def test_forge_is_asked_for_room_before_weights_move_to_the_gpu(forge_host, monkeypatch):
-    from ella_ext.models import registry
     from ella_ext.options import from_script_args
+    from ella_ext.registry import registry
     from ella_ext.webui import host, loading
 
     cuda = torch.device("cuda")
@@ -299,13 +299,13 @@ def test_llm_not_moved_when_the_batch_has_nothing_new_to_encode(forge_host, monk
     from ella_ext.webui import loading
 
     entered = []
-    original = loading.Loaded.encoding
+    original = loading.LoadedModels.encoding
 
     def counting(self):
         entered.append(1)
         return original(self)
 
-    monkeypatch.setattr(loading.Loaded, "encoding", counting)
+    monkeypatch.setattr(loading.LoadedModels, "encoding", counting)
     forge_host.run("a cube", "blurry", n_iter=3, steps=1)
     assert len(entered) == 1  # batches 2 and 3 read the same texts: no LLM move, no memory asked of Forge
     forge_host.run("a cube", "blurry", steps=1)

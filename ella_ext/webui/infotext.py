@@ -1,0 +1,117 @@
+"""ELLA's entries in the image's parameters (the info text), and what pasting them back restores.
+
+The values are plain strings in the host's ``p.extra_generation_params`` (a ``None`` value leaves the key out):
+Forge classic runs A1111 1.8's ``create_infotext``, which neither calls callable values nor can put them in the
+API's JSON. Each UI control has one key of its own, so that the host's "Send to" buttons (which copy the controls
+whose key is in ``paste_field_names``) and pasted text (``paste_params`` derives the per-control keys) both restore
+every control.
+
+Host facts (AUTOMATIC1111 v1.10.1, commit 82a973c0): ``modules/processing.py`` ``create_infotext`` writes
+``extra_generation_params``; ``modules/infotext_utils.py`` runs the ``on_infotext_pasted`` callbacks, then sets each
+control from ``params[key]``; ``scripts/xyz_grid.py`` shallow-copies ``p`` per cell, so the cells share one dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, MutableMapping
+from pathlib import PurePath
+from typing import Any
+
+from .. import options
+from ..errors import InputError
+
+# "ELLA" holds the connector and is present only when ELLA conditioned the image.
+KEY_CONNECTOR = "ELLA"
+KEY_TEXT_ENCODER = "ELLA LLM"
+KEY_TOKENS = "ELLA tokens"
+KEY_MODE = "ELLA mode"
+KEY_NEGATIVE = "ELLA negative"
+KEY_PROMPT = "ELLA prompt"
+KEY_HIRES = "ELLA hires"
+KEY_ERROR = "ELLA error"
+KEYS = (KEY_CONNECTOR, KEY_TEXT_ENCODER, KEY_TOKENS, KEY_MODE, KEY_NEGATIVE, KEY_PROMPT, KEY_HIRES, KEY_ERROR)
+
+# One key per control (the script's argument order); the derived ones exist only after ``paste_params``.
+PASTE_KEYS = {
+    "enabled": "ELLA enabled",
+    "connector": KEY_CONNECTOR,
+    "text_encoder": KEY_TEXT_ENCODER,
+    "token_length": "ELLA token length",
+    "max_length": "ELLA max tokens",
+    "clip_mode": KEY_MODE,
+    "negative": KEY_NEGATIVE,
+    "llm_prompt": KEY_PROMPT,
+    "hires": "ELLA hires pass",
+}
+
+
+def model_name(choice: str) -> str:
+    """What the image records for a chosen model: its listed name; for a path (allowed by a setting), the file or
+    folder name alone, so no image carries a path of the machine that made it."""
+    text = choice.strip()
+    if "/" not in text and "\\" not in text:
+        return text
+    path = PurePath(text.replace("\\", "/"))
+    if text.startswith(("/", "~", ".")) or "\\" in text or len(path.parts) != 2:
+        return path.stem if path.suffix == ".safetensors" else path.name
+    return text  # a hub id (owner/name) is a name, not a path
+
+
+def values(chosen: options.ELLAOptions) -> dict[str, str]:
+    """The entries of an image that ELLA conditioned with these options."""
+    fields = {
+        KEY_CONNECTOR: model_name(chosen.connector),
+        KEY_TEXT_ENCODER: model_name(chosen.text_encoder),
+        KEY_TOKENS: "flexible" if chosen.fixed_length is None else f"fixed {chosen.max_length}",
+        KEY_MODE: chosen.clip_mode,
+        KEY_NEGATIVE: chosen.negative,
+    }
+    if chosen.llm_prompt.strip():
+        fields[KEY_PROMPT] = chosen.llm_prompt
+    if not chosen.hires:
+        fields[KEY_HIRES] = "off"
+    return fields
+
+
+def write(params: MutableMapping[str, Any], chosen: options.ELLAOptions, *, conditioned: bool,
+          error: str | None) -> None:
+    """Set every ELLA key: the option entries if ELLA conditioned the batch (else none), and the error if any."""
+    for key, value in values(chosen).items():
+        params[key] = value if conditioned else None
+    params[KEY_ERROR] = error
+
+
+def clear(params: MutableMapping[str, Any]) -> None:
+    """Drop every ELLA key: an XYZ cell with ELLA off would otherwise show (and paste back) the previous cell's."""
+    for key in KEYS:
+        params.pop(key, None)
+
+
+def paste_params(params: Mapping[str, str]) -> dict[str, Any]:
+    """The per-control keys derived from pasted image parameters (added to them before the host applies them)."""
+    return {PASTE_KEYS[name]: value for name, value in from_infotext(params).items()}
+
+
+def from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
+    """UI values restored from pasted image parameters: every field, ``enabled`` False when ELLA did not run."""
+    if KEY_CONNECTOR not in params:
+        return {"enabled": False}
+    tokens = str(params.get(KEY_TOKENS, "flexible")).strip().lower()
+    restored: dict[str, Any] = {"enabled": True, "connector": str(params[KEY_CONNECTOR])}
+    if KEY_TEXT_ENCODER in params:
+        restored["text_encoder"] = str(params[KEY_TEXT_ENCODER])
+    if tokens.startswith("fixed"):
+        restored["token_length"] = options.FIXED
+        number = tokens.removeprefix("fixed").strip()
+        if number.isdigit():
+            restored["max_length"] = int(number)
+    else:
+        restored["token_length"] = options.FLEXIBLE
+    for key, name in ((KEY_MODE, "clip_mode"), (KEY_NEGATIVE, "negative")):
+        if key in params:
+            with contextlib.suppress(InputError):  # an unknown value from a newer version: keep the UI's
+                restored[name] = getattr(options.from_mapping({name: str(params[key])}), name)
+    restored["llm_prompt"] = str(params.get(KEY_PROMPT, ""))
+    restored["hires"] = str(params.get(KEY_HIRES, "on")).strip().lower() != "off"
+    return restored

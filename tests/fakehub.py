@@ -11,9 +11,9 @@ huggingface_hub 0.25.2 and 2.4.0, ``file_download.py``, ``_snapshot_download.py`
 
 Knobs for failure tests: ``fail_status`` answers every request with that status (a hub outage), ``cut_after`` makes the
 next full GET of a file stop after some bytes and drop the connection (a network cut).  Every request is recorded in
-``requests``.  The server speaks HTTP/1.0 (one request per connection, so no idle keep-alive threads outlive a test),
-has a socket timeout, stops answering normally after ``max_requests`` and is shut down by ``close()`` / the ``with``
-block.
+``requests``, completely (status, body bytes) before any byte of its response is sent.  The server speaks HTTP/1.0
+(one request per connection, so no idle keep-alive threads outlive a test), has a socket timeout, stops answering
+normally after ``max_requests`` and is shut down by ``close()`` / the ``with`` block.
 """
 
 from __future__ import annotations
@@ -253,7 +253,10 @@ class _Handler(BaseHTTPRequestHandler):
         headers: dict[str, str] | None = None,
         cut: int | None = None,
     ) -> None:
-        request.status = status
+        sent = b"" if head else body if cut is None else body[:cut]
+        # The record is complete before the client can see any of the response: a client that has read the whole
+        # body may look at it at once (on a busy machine this thread may not run again before it does).
+        request.status, request.body_bytes = status, len(sent)
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
@@ -261,10 +264,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if head:
             return
-        sent = body if cut is None else body[:cut]
         self.wfile.write(sent)
         self.wfile.flush()
-        request.body_bytes = len(sent)
         if cut is not None:  # drop the connection mid-body, as a network cut would
             self.close_connection = True
             with contextlib.suppress(OSError):

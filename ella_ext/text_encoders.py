@@ -10,8 +10,8 @@
 
 Precision: fp16 on CUDA by default (the connector was trained against fp16 T5), fp32 on CPU and MPS; bf16 or fp32
 on request. A non-finite output (flan-T5 can overflow in fp16) is recomputed in fp32, with a warning.
-Features are returned as float32 on the model's device (the connector casts them to its own dtype) and cached in a
-bounded LRU by (model, text, length mode).
+Features are returned as float32 on the model's device (the connector casts them to its own dtype) and cached in
+CPU memory, in a bounded LRU by (model, text, length mode).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ log = logging.getLogger("ella")
 T5_FAMILY = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 DEFAULT_FIXED_LENGTH = 128
 FALLBACK_LIMIT = 512  # T5's tokenizers declare 512; relative positions allow more but the models were not trained so
+CPU = torch.device("cpu")
 
 
 class EncodingCache:
-    """Bounded LRU of per-text encodings ``(features [S, D], real tokens)``, keyed by (model, text, max_length).
-
-    Thread-safe."""
+    """Bounded LRU of per-text encodings ``(features [S, D] in CPU memory, real tokens)``, keyed by (model, text,
+    max_length). Thread-safe."""
 
     def __init__(self, max_entries: int = 64):
         self.max_entries = max_entries
@@ -175,9 +175,11 @@ class TextEncoder:
         if not torch.isfinite(features).all():
             features = self._run_fp32_fallback(batch)
         lengths = batch.attention_mask.sum(dim=1).tolist()
+        # Cached rows live in CPU memory, each in a storage of its own: the cache outlives generations and must hold
+        # nothing on the accelerator (where neither Forge's memory manager nor --lowvram would see it).
         if max_length is not None:  # fixed: keep the padding positions, the reference's TSC reads them
-            return [(row.clone(), length) for row, length in zip(features.unbind(0), lengths)]
-        return [(row[:length].clone(), length) for row, length in zip(features.unbind(0), lengths)]
+            return [(row.to(CPU, copy=True), length) for row, length in zip(features.unbind(0), lengths)]
+        return [(row[:length].to(CPU, copy=True), length) for row, length in zip(features.unbind(0), lengths)]
 
     def _run(self, batch: _Batch) -> torch.Tensor:
         ids = batch.input_ids.to(self.device)

@@ -91,6 +91,54 @@ def test_cache_is_used_and_bounded(tiny_t5_dir):
     assert len(calls) == 4
 
 
+class OnAccelerator(torch.Tensor):
+    """Stands for a tensor in accelerator memory on this GPU-less machine: whatever is computed from it stays
+    there; only ``.to("cpu")`` / ``.cpu()`` brings a copy back to CPU memory (a plain tensor)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = super().__torch_function__(func, types, args, kwargs)
+        to_cpu = func is torch.Tensor.cpu or (
+            func is torch.Tensor.to and any(_is_cpu(a) for a in [*args[1:], *kwargs.values()])
+        )
+        return result.as_subclass(torch.Tensor) if to_cpu and isinstance(result, torch.Tensor) else result
+
+
+def _is_cpu(value) -> bool:
+    return (isinstance(value, str) and value.startswith("cpu")) or (
+        isinstance(value, torch.device) and value.type == "cpu"
+    )
+
+
+def test_cached_encodings_leave_accelerator_memory(tiny_t5_dir, monkeypatch):
+    """The cache outlives generations: it must hold nothing in the LLM's (accelerator) memory. The LLM's output is
+    marked as accelerator memory; every cached row must be a CPU copy with a storage of its own."""
+    encoder = load_text_encoder(tiny_t5_dir)
+    run = type(encoder)._run
+    monkeypatch.setattr(type(encoder), "_run", lambda self, batch: run(self, batch).as_subclass(OnAccelerator))
+    for max_length in (None, 8):
+        features, _ = encoder.encode(["a red cube", "a much longer prompt about a blue sphere"], max_length)
+        assert isinstance(features, torch.Tensor)
+    rows = [row for row, _ in encoder.cache._entries.values()]
+    assert len(rows) == 4
+    for row in rows:
+        assert type(row) is torch.Tensor and row.device.type == "cpu", "a cached row stayed in accelerator memory"
+        assert row.untyped_storage().nbytes() == row.numel() * row.element_size(), "a view keeps the batch alive"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none in CI)")
+def test_encodings_of_many_prompts_hold_no_gpu_memory(tiny_t5_dir):
+    encoder = load_text_encoder(tiny_t5_dir, device="cuda", dtype=torch.float32)
+    encoder.encode(["warm up"], max_length=None)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for i in range(50):
+        encoder.encode([f"prompt number {i} with a few words"], max_length=None)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+
+
 def test_decoder_only_hidden_state_of_chosen_layer(tiny_llama_dir):
     from transformers import AutoModel, AutoTokenizer
 

@@ -194,7 +194,7 @@ def test_bad_inputs(tiny_connector_file):
         model(torch.zeros(0, 3, 20), 1.0)
 
 
-def test_fused_weights_follow_parameter_changes(tiny_connector_file):
+def test_modulation_follows_parameter_changes(tiny_connector_file):
     model = load_connector(tiny_connector_file)
     x = features(1, 4)
     before = model(x, 100.0)
@@ -204,6 +204,32 @@ def test_fused_weights_follow_parameter_changes(tiny_connector_file):
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after.double(), reference_tsc(state_of(model), x, torch.tensor([100.0]), TINY.heads),
                                **TOL)
+
+
+def _tensors_beside_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Tensors the module objects hold outside their parameters and buffers (memory nobody counts)."""
+    found, stack = [], [v for m in model.modules() for k, v in vars(m).items()
+                        if k not in ("_parameters", "_buffers", "_modules")]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, dict):
+            stack += value.values()
+        elif isinstance(value, (list, tuple)):
+            stack += value
+    return found
+
+
+def test_no_weight_copies_beside_the_parameters(tiny_connector_file):
+    """What a connector occupies is its parameters and buffers, which is what the WebUI asks room for (Forge's
+    free_memory): after running, it holds at most the timestep frequencies (one small vector per device)."""
+    model = load_connector(tiny_connector_file)
+    with torch.inference_mode():
+        model(features(2, 4), torch.tensor([999.0, 1.0]))
+    weights = sum(p.numel() for p in model.parameters())
+    extra = sum(t.numel() for t in _tensors_beside_parameters(model))
+    assert extra <= model.config.time_channels, f"{extra} values held beside {weights} parameters"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -21,6 +21,7 @@ need it. Loaded models are kept in ``registry.py``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -90,12 +91,14 @@ class ModelPaths:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One choice for the UI: ``path`` is where the model is, or where it will be once downloaded (``available``)."""
+    """One choice for the UI: ``path`` is where the model is, or where it will be once downloaded (``available``).
+    ``problem`` says why a model on disk cannot be used (empty when it can, or when it is simply not there yet)."""
 
     name: str
     path: Path
     official: bool
     available: bool
+    problem: str = ""
 
 
 def list_connectors(paths: ModelPaths) -> dict[str, ModelEntry]:
@@ -118,7 +121,9 @@ def list_text_encoders(paths: ModelPaths) -> dict[str, ModelEntry]:
     if paths.text_encoders.is_dir():
         for folder in paths.text_encoders.iterdir():
             if folder.is_dir() and not folder.name.startswith(".") and (folder / "config.json").is_file():
-                entries[folder.name] = ModelEntry(folder.name, folder, folder.name == OFFICIAL_TEXT_ENCODER, True)
+                problem = encoder_folder_problem(folder)
+                entries[folder.name] = ModelEntry(folder.name, folder, folder.name == OFFICIAL_TEXT_ENCODER,
+                                                  not problem, problem)
     local = paths.text_encoders / OFFICIAL_TEXT_ENCODER
     if _is_complete_encoder(local):
         entries[OFFICIAL_TEXT_ENCODER] = ModelEntry(OFFICIAL_TEXT_ENCODER, local, True, True)
@@ -133,22 +138,36 @@ def _sorted(entries: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
     return {name: entries[name] for name in sorted(entries, key=lambda name: (name.lower(), name))}
 
 
-def _is_complete_encoder(folder: Path) -> bool:
-    """A transformers folder with config.json, all of its safetensors weights and a tokenizer file."""
+def encoder_folder_problem(folder: str | os.PathLike[str]) -> str:
+    """Why a text-encoder folder cannot be loaded (a sentence), or "" when it has config.json, a tokenizer file and
+    its safetensors weights as transformers loads them (``model.safetensors``, or an index and all its shards).
+
+    Checked before any load: transformers (4.30 at least) quietly falls back to a folder's pickled
+    ``pytorch_model.bin`` when it has no safetensors weights, and pickles are never loaded here."""
+    folder = Path(folder)
     if not (folder / "config.json").is_file():
-        return False
+        return f"{folder} has no config.json."
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        return False
+        return f"{folder} has no tokenizer file ({', '.join(TOKENIZER_FILES)})."
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        import json
-
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return False
-        return all((folder / shard).is_file() for shard in shards)
-    return any(file.is_file() for file in folder.glob("*.safetensors"))
+            return f"{index} is not a readable weight index; download the folder again."
+        missing = sorted(shard for shard in shards if not (folder / shard).is_file())
+        return f"{folder} lacks the weight shards {', '.join(missing)}." if missing else ""
+    if (folder / "model.safetensors").is_file():
+        return ""
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if pickles:
+        return (f"{folder} has only pickled weights ({', '.join(pickles)}), which are never loaded (they can run "
+                "code): get the model's safetensors release (model.safetensors), or convert it.")
+    return f"{folder} has no model.safetensors (nor model.safetensors.index.json)."
+
+
+def _is_complete_encoder(folder: Path) -> bool:
+    return not encoder_folder_problem(folder)
 
 
 # --------------------------------------------------------------------------------------------------------------------

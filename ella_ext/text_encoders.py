@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, TextEncoderError
+from .model_files import encoder_folder_problem
 
 log = logging.getLogger("ella")
 
@@ -335,6 +336,10 @@ def load_text_encoder(
     dtype = dtype or default_dtype(device)
     name = str(path_or_id)
     config = _load_config(name)
+    if Path(name).expanduser().is_dir():  # before transformers can fall back to a pickle beside missing safetensors
+        problem = encoder_folder_problem(Path(name).expanduser())
+        if problem:
+            raise TextEncoderError(f"The text encoder cannot be loaded: {problem}")
     tokenizer = _load_tokenizer(name, config.model_type)
     model = _load_model(name, config, dtype)
     model.requires_grad_(False)

@@ -153,14 +153,18 @@ def test_list_text_encoders_local_folders_and_official(paths):
     assert official.official and not official.available
     assert official.path == paths.text_encoders / OFFICIAL_TEXT_ENCODER
 
-    write(paths.text_encoders / "TinyLlama" / "config.json", b"{}")
+    write_encoder(paths.text_encoders / "TinyLlama")
     write(paths.text_encoders / "no-config" / "model.safetensors")
     write(paths.text_encoders / ".cache" / "huggingface" / "config.json")
     write_encoder(paths.text_encoders / OFFICIAL_TEXT_ENCODER)
+    pickled = write_encoder(paths.text_encoders / "pickled")
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
     listing = list_text_encoders(paths)
-    assert list(listing) == [OFFICIAL_TEXT_ENCODER, "TinyLlama"]
+    assert list(listing) == [OFFICIAL_TEXT_ENCODER, "pickled", "TinyLlama"]
     assert listing[OFFICIAL_TEXT_ENCODER].available and listing[OFFICIAL_TEXT_ENCODER].official
-    assert listing["TinyLlama"].available and not listing["TinyLlama"].official
+    assert listing["TinyLlama"].available and not listing["TinyLlama"].official and not listing["TinyLlama"].problem
+    assert not listing["pickled"].available
+    assert "only pickled weights (pytorch_model.bin)" in listing["pickled"].problem
 
 
 def test_official_text_encoder_found_in_hub_cache(paths):

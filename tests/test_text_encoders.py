@@ -209,6 +209,22 @@ def test_missing_and_broken_folders(tmp_path, tiny_t5_dir):
         load_text_encoder(no_tokenizer)
 
 
+def test_a_folder_with_only_a_pickle_is_never_loaded(tmp_path, tiny_t5_dir, monkeypatch):
+    """transformers 4.30 (A1111 1.10's) quietly loads pytorch_model.bin when a folder has no safetensors weights,
+    even with use_safetensors=True: the folder is refused before transformers sees it."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin-only"
+    shutil.copytree(tiny_t5_dir, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    loaded = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loaded.append(a) or pytest.fail("a pickle was loaded"))
+    with pytest.raises(TextEncoderError, match=r"only pickled weights \(pytorch_model.bin\)"):
+        load_text_encoder(folder)
+    assert not loaded
+
+
 def test_bad_encode_arguments(t5):
     with pytest.raises(InputError):
         t5.encode([], max_length=None)

@@ -1,5 +1,11 @@
-"""ELLA's HTTP API: model listing, a token counter (for the UI's live counter), and validation of the ELLA arguments
-of txt2img / img2img requests before the host runs them.
+"""ELLA's HTTP API: model listing, a token counter, and validation of the ELLA arguments of txt2img / img2img requests
+before the host runs them.
+
+Errors have one shape, the one the validation answers generation requests with: ``{"error": <kind>, "detail":
+<what to do>}``, HTTP 422 for arguments the client must change (``ELLAArgumentError``), 404 for a listed text encoder
+that is not on disk yet (``ELLAModelNotAvailable``). With ``--api-auth`` the ``/ella/v1/*`` routes ask for the same
+HTTP Basic credentials as ``/sdapi/v1/*`` (``modules/api/api.py`` ``Api.auth``), and the validation answers only
+requests that carry them (the others reach the host, which answers 401).
 
 Host facts (AUTOMATIC1111 v1.10.1, commit 82a973c0): ``modules/script_callbacks.py`` ``on_app_started(callback)``
 with ``callback(demo, app)`` (a FastAPI app); ``modules/api/api.py`` ``init_script_args`` copies
@@ -10,14 +16,19 @@ first slot) and matches the title case-insensitively; ``webui.py`` adds its own 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import threading
 from collections import OrderedDict
+from hmac import compare_digest
 from typing import Any
 
+from fastapi import Request  # a module-level name: FastAPI resolves the dependency's annotation from here
+
 from .. import model_files, options
-from ..errors import ELLAError
+from ..errors import ELLAError, InputError
 from ..pass_rows import PassTexts
 from . import loading
 
@@ -26,15 +37,15 @@ log = logging.getLogger("ella")
 TITLE = "ELLA"
 GENERATION_PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 
-_tokenizers: OrderedDict[str, Any] = OrderedDict()
-_tokenizer_lock = threading.Lock()
+_tokenizers: OrderedDict[str, tuple[Any, threading.Lock]] = OrderedDict()  # name -> tokenizer, its lock
+_tokenizers_lock = threading.Lock()
 
 
 def models_listing() -> dict[str, Any]:
     paths = loading.model_paths()
 
-    def rows(entries):
-        return [{"name": e.name, "path": str(e.path), "official": e.official, "available": e.available}
+    def rows(entries):  # names, never paths: a remote client has no business knowing the server's folders
+        return [{"name": e.name, "official": e.official, "available": e.available, "problem": e.problem}
                 for e in entries.values()]
 
     return {
@@ -48,28 +59,70 @@ def models_listing() -> dict[str, Any]:
 
 
 def count_tokens(text: str, text_encoder: str | None = None) -> dict[str, Any]:
-    """LLM tokens of the longest text the prompt gives (each AND part and schedule variant counted alone)."""
+    """LLM tokens of the longest text the prompt gives (each AND part and schedule variant counted alone).
+
+    Runs in the API's thread pool and in the UI's events: a tokenizer is used by one thread at a time (the fast
+    tokenizers fail with "Already borrowed" otherwise)."""
+    if not isinstance(text, str):
+        raise InputError("ELLA: 'text' must be a string.")
     name = text_encoder or options.OFFICIAL_TEXT_ENCODER_NAME
-    tokenizer = _tokenizer(name)
+    if not isinstance(name, str):
+        raise InputError("ELLA: 'text_encoder' must be the name of a listed text encoder.")
+    loading.check_name("text encoder", name)
+    tokenizer, lock = _tokenizer(name)
     texts = PassTexts([text], [""], steps=1000).every_text()
-    tokens = max(len(tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts)
+    with lock:
+        tokens = max(len(tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts)
     return {"tokens": tokens, "text_encoder": name}
 
 
-def _tokenizer(name: str):
+def _tokenizer(name: str) -> tuple[Any, threading.Lock]:
     from ..text_encoders import load_tokenizer
 
-    with _tokenizer_lock:
+    with _tokenizers_lock:
         if name in _tokenizers:
             _tokenizers.move_to_end(name)
             return _tokenizers[name]
     path = model_files.ensure_text_encoder(loading.model_paths(), name, offline=True)
-    tokenizer = load_tokenizer(path)
-    with _tokenizer_lock:
-        _tokenizers[name] = tokenizer
+    loaded = (load_tokenizer(path), threading.Lock())
+    with _tokenizers_lock:
+        found = _tokenizers.setdefault(name, loaded)  # another thread may have loaded it meanwhile: one is kept
+        _tokenizers.move_to_end(name)
         while len(_tokenizers) > 4:
             _tokenizers.popitem(last=False)
-    return tokenizer
+    return found
+
+
+def error_body(err: ELLAError) -> tuple[int, dict[str, str]]:
+    """The status and the JSON body of an ELLA error answer (the one shape of every ELLA error)."""
+    if isinstance(err, InputError):
+        return 422, {"error": "ELLAArgumentError", "detail": str(err)}
+    return 404, {"error": "ELLAModelNotAvailable", "detail": str(err)}
+
+
+def _credentials() -> dict[str, str] | None:
+    """``--api-auth`` as the host reads it (``user:password`` pairs, comma-separated); None when it is not set."""
+    from modules import shared
+
+    value = getattr(getattr(shared, "cmd_opts", None), "api_auth", None)
+    if not value:
+        return None
+    return dict(pair.split(":", 1) for pair in value.split(","))
+
+
+def authorized(authorization: str | None) -> bool:
+    """Whether an ``Authorization`` header passes the host's API authentication (always, without ``--api-auth``)."""
+    credentials = _credentials()
+    if credentials is None:
+        return True
+    scheme, _, encoded = (authorization or "").partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return user in credentials and compare_digest(password, credentials[user])
 
 
 def request_error(body: bytes) -> str | None:
@@ -88,7 +141,9 @@ def request_error(body: bytes) -> str | None:
     if not isinstance(args, list):
         return f"ELLA: 'args' must be a list (positional: {', '.join(options.FIELD_NAMES)}) or [{{named fields}}]."
     try:
-        options.from_script_args(args)
+        chosen = options.from_script_args(args)
+        if chosen.enabled:
+            loading.check_names(chosen)
     except ELLAError as err:
         return str(err)
     return None
@@ -114,7 +169,7 @@ class ValidationMiddleware:
             chunks.append(message)
             more = message.get("more_body", False)
         error = request_error(b"".join(m.get("body", b"") for m in chunks))
-        if error is not None:
+        if error is not None and authorized(_header(scope, b"authorization")):  # else the host answers 401
             body = json.dumps({"error": "ELLAArgumentError", "detail": error}).encode()
             await send({"type": "http.response.start", "status": 422,
                         "headers": [(b"content-type", b"application/json"),
@@ -122,6 +177,13 @@ class ValidationMiddleware:
             await send({"type": "http.response.body", "body": body})
             return
         await self.app(scope, _replay(chunks, receive), send)
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
 
 
 def _replay(messages, receive):
@@ -138,21 +200,27 @@ def _replay(messages, receive):
 
 
 def on_app_started(_demo, app) -> None:
-    from fastapi import Body
+    from fastapi import Body, Depends, HTTPException
+    from fastapi.responses import JSONResponse
 
-    @app.get("/ella/v1/models")
+    def auth(request: Request) -> None:
+        if not authorized(request.headers.get("authorization")):
+            raise HTTPException(status_code=401, detail="Incorrect username or password",
+                                headers={"WWW-Authenticate": "Basic"})
+
+    guarded = [Depends(auth)]
+
+    @app.get("/ella/v1/models", dependencies=guarded)
     def ella_models():
         return models_listing()
 
-    @app.post("/ella/v1/tokens")
+    @app.post("/ella/v1/tokens", dependencies=guarded)
     def ella_tokens(payload: dict = Body(...)):  # noqa: B008 - FastAPI's way to take a JSON body
-        text = payload.get("text", "")
-        if not isinstance(text, str):
-            return {"error": "text must be a string"}
         try:
-            return count_tokens(text, payload.get("text_encoder") or None)
+            return count_tokens(payload.get("text", ""), payload.get("text_encoder") or None)
         except ELLAError as err:
-            return {"tokens": None, "error": str(err)}
+            status, body = error_body(err)
+            return JSONResponse(body, status_code=status)
 
     install_middleware(app)
 

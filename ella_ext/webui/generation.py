@@ -36,7 +36,7 @@ from ..errors import ELLAError, InputError
 from ..options import ELLAOptions
 from ..pass_rows import PassTexts, assemble, has_controlnet_mark, row_timesteps
 from . import host, infotext, settings
-from .loading import LoadedModels, manager
+from .loading import LoadedModels, check_names, manager
 
 log = logging.getLogger("ella")
 
@@ -96,6 +96,7 @@ def start(p, args: Sequence[Any]) -> Generation | None:
         return None
     manager.generation_started()
     try:
+        check_names(options)
         width = host.context_width(p.sd_model)
         if width == 0:
             raise InputError(

@@ -24,6 +24,7 @@ import torch
 from .. import model_files
 from ..connector import Connector
 from ..connector_file import load_connector
+from ..errors import InputError
 from ..model_files import ModelPaths
 from ..options import ELLAOptions
 from ..registry import ModelKey, registry
@@ -48,6 +49,27 @@ def connector_choices() -> list[str]:
 
 def text_encoder_choices() -> list[str]:
     return list(model_files.list_text_encoders(model_paths()))
+
+
+def check_names(chosen: ELLAOptions) -> None:
+    """Refuse a connector or text encoder the lists do not show (see ``check_name``)."""
+    check_name("connector", chosen.connector)
+    check_name("text encoder", chosen.text_encoder)
+
+
+def check_name(kind: str, name: str) -> None:
+    """Refuse a ``kind`` ("connector" or "text encoder") the lists do not show (files under the models folder, the
+    official ones), unless the setting accepts paths and hub ids. The message is the same whether or not such a
+    path exists (nothing to probe the disk with), and lists what is allowed."""
+    if settings.get("ella_allow_paths"):
+        return
+    names = connector_choices() if kind == "connector" else text_encoder_choices()
+    if name not in names:
+        raise InputError(
+            f"ELLA: the {kind} {name!r} is not one of the listed models ({', '.join(names)}). Put it in the ELLA "
+            "models folder and pick it by name, or turn on 'Accept model paths and Hugging Face ids' in Settings > "
+            "ELLA."
+        )
 
 
 def describe_missing() -> str:

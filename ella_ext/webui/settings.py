@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "ella_tsc_cache": 1024,
     "ella_unload_minutes": 15,
     "ella_allow_download": True,
+    "ella_allow_paths": False,
 }
 
 
@@ -74,3 +75,7 @@ def on_ui_settings() -> None:
         {"minimum": 0, "maximum": 240, "step": 1})
     add("ella_allow_download", "Download the official models on first use",
         info="off: only use files already in the models folder")
+    add("ella_allow_paths", "Accept model paths and Hugging Face ids (not only the listed models)",
+        info="from the API, pasted parameters and the X/Y/Z plot; a listed hub id is downloaded only if downloads "
+             "are on. Off by default: on a shared server (--listen, --api) a client could make the WebUI load or "
+             "download any model")

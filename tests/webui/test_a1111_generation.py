@@ -225,6 +225,30 @@ def test_missing_connector_says_where_to_put_it(host):
     assert host.reported() == []
 
 
+@pytest.mark.parametrize("name", ["/abs/path/c.safetensors", "../ELLA/tiny-sd15", "owner/name"])
+def test_unlisted_models_are_refused_at_generation(host, models_dir, name):
+    """Pasted parameters and X/Y/Z values reach the script without the API's check: the same refusal there."""
+    p, processed = host.run("a cube", steps=1, args=ella_args(connector=name))
+    assert host.recorded.calls == [] and p.denoisers[0].inner_calls, "no ELLA, but the image is made"
+    assert f"the connector '{name}' is not one of the listed models" in processed.infotexts[0]
+
+
+def test_paths_when_the_setting_accepts_them_and_names_in_the_info_text(host, models_dir):
+    from modules import shared
+
+    shared.opts.ella_allow_paths = True
+    try:
+        connector = str(models_dir / "ELLA" / f"{CONNECTOR}.safetensors")
+        encoder = str(models_dir / "ELLA" / "text_encoders" / ENCODER)
+        p, processed = host.run("a cube", steps=2, args=ella_args(connector=connector, text_encoder=encoder))
+    finally:
+        shared.opts.ella_allow_paths = False
+    info = processed.infotexts[0]
+    assert len(host.recorded.calls) == 2 and "ELLA error" not in info
+    assert f"ELLA: {CONNECTOR}," in info and f"ELLA LLM: {ENCODER}," in info
+    assert str(models_dir) not in info, "the image carries no path of the machine that made it"
+
+
 def test_failure_mid_generation_falls_back_to_clip(host, monkeypatch):
     # a CUDA out-of-memory at the second call: that call and the rest use CLIP, the image is made, the info says so
     fail_conditioner_at(monkeypatch, 2)

@@ -112,13 +112,24 @@ def test_xyz_axes_added_once(host):
 
 @pytest.fixture
 def client(host):
-    from fastapi import Body, FastAPI
+    from fastapi import Body, Depends, FastAPI, HTTPException
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
     from fastapi.testclient import TestClient
-    from modules import script_callbacks
+    from modules import script_callbacks, shared
 
     app = FastAPI()
 
-    @app.post("/sdapi/v1/txt2img")
+    def host_auth(credentials: HTTPBasicCredentials = Depends(HTTPBasic(auto_error=False))):  # noqa: B008
+        """modules/api/api.py Api.auth, applied to /sdapi/v1/* only when --api-auth is given."""
+        if not shared.cmd_opts.api_auth:
+            return True
+        users = dict(pair.split(":") for pair in shared.cmd_opts.api_auth.split(","))
+        if credentials is not None and users.get(credentials.username) == credentials.password:
+            return True
+        raise HTTPException(status_code=401, detail="Incorrect username or password",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    @app.post("/sdapi/v1/txt2img", dependencies=[Depends(host_auth)])
     def txt2img(payload: dict = Body(...)):  # noqa: B008 - the host's generation route, echoing what reached it
         return {"received": payload, "images": ["x" * 200_000]}
 
@@ -142,12 +153,79 @@ def test_models_endpoint(client):
     assert listing["args"] == list(options.FIELD_NAMES)
 
 
+def test_models_endpoint_names_no_paths(client, models_dir):
+    import json
+
+    listing = client.get("/ella/v1/models")
+    assert str(models_dir) not in listing.text and "path" not in json.dumps(listing.json()["connectors"])
+
+
 def test_token_counter_endpoint(client):
     short = client.post("/ella/v1/tokens", json={"text": "a cat", "text_encoder": ENCODER}).json()
     long = client.post("/ella/v1/tokens", json={"text": "a cat " * 40, "text_encoder": ENCODER}).json()
     assert 2 <= short["tokens"] < long["tokens"]
-    missing = client.post("/ella/v1/tokens", json={"text": "a cat", "text_encoder": "nope"}).json()
-    assert missing["tokens"] is None and "nope" in missing["error"]
+
+
+@pytest.mark.parametrize(("payload", "status", "kind", "needle"), [
+    ({"text": 5, "text_encoder": ENCODER}, 422, "ELLAArgumentError", "'text' must be a string"),
+    ({"text": "a", "text_encoder": "nope"}, 422, "ELLAArgumentError",
+     f"not one of the listed models (models--google--flan-t5-xl--text_encoder, {ENCODER})"),
+    ({"text": "a", "text_encoder": "/etc"}, 422, "ELLAArgumentError", "not one of the listed models"),
+    ({"text": "a"}, 404, "ELLAModelNotAvailable", "flan-T5-XL"),  # the official one: listed, not downloaded
+])
+def test_token_counter_errors_have_the_documented_shape(client, payload, status, kind, needle):
+    response = client.post("/ella/v1/tokens", json=payload)
+    assert response.status_code == status
+    assert response.json()["error"] == kind and needle in response.json()["detail"]
+
+
+def test_token_counter_serves_concurrent_requests_one_tokenizer_call_at_a_time(client, monkeypatch):
+    """Fast tokenizers fail ("Already borrowed") when two threads use one at once; the API runs requests in a thread
+    pool. The tokenizer stand-in waits, while inside, for a second caller to come in: with the calls serialised none
+    ever does (the wait runs out), without it they overlap."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ella_ext.webui import api
+
+    client.post("/ella/v1/tokens", json={"text": "warm", "text_encoder": ENCODER})  # the tokenizer is cached now
+    tokenizer, lock = api._tokenizers[ENCODER]
+    inside, overlaps, entered = [0], [], threading.Event()
+    guard = threading.Lock()
+
+    def watched(*args, **kwargs):
+        with guard:
+            inside[0] += 1
+            overlaps.append(inside[0])
+            if inside[0] > 1:
+                entered.set()
+        entered.wait(1.0)  # long enough for an unserialised second call to come in, even on a busy machine
+        with guard:
+            inside[0] -= 1
+        return tokenizer(*args, **kwargs)
+
+    monkeypatch.setitem(api._tokenizers, ENCODER, (watched, lock))
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: client.post("/ella/v1/tokens", json={"text": f"cat {i}",
+                                                                                 "text_encoder": ENCODER}), range(4)))
+    assert all(a.status_code == 200 for a in answers)
+    assert max(overlaps) == 1, "two threads used one tokenizer at once"
+
+
+def test_api_auth_guards_the_ella_routes_like_the_hosts(client, monkeypatch):
+    from modules import shared
+
+    monkeypatch.setattr(shared.cmd_opts, "api_auth", "alice:s3cret,bob:pw")
+    assert client.get("/ella/v1/models").status_code == 401
+    assert client.get("/ella/v1/models", auth=("alice", "wrong")).status_code == 401
+    assert client.get("/ella/v1/models", auth=("bob", "pw")).status_code == 200
+    assert client.post("/ella/v1/tokens", json={"text": "a", "text_encoder": ENCODER}).status_code == 401
+    ok = client.post("/ella/v1/tokens", json={"text": "a", "text_encoder": ENCODER}, auth=("alice", "s3cret"))
+    assert ok.status_code == 200
+    bad = {"prompt": "a", "alwayson_scripts": {"ELLA": {"args": [{"enabled": True, "connector": "/etc/passwd"}]}}}
+    anonymous = client.post("/sdapi/v1/txt2img", json=bad)
+    assert anonymous.status_code == 401 and "listed" not in anonymous.text  # no model names for strangers
+    assert client.post("/sdapi/v1/txt2img", json=bad, auth=("alice", "s3cret")).status_code == 422
 
 
 @pytest.mark.parametrize("args", [
@@ -163,6 +241,11 @@ def test_valid_generation_requests_pass_unchanged(client, args):
 
 @pytest.mark.parametrize(("args", "message"), [
     ([{"enabled": True, "clip": "yes"}], "unknown field 'clip'; the fields are enabled, connector"),
+    ([True, "/etc/passwd"],
+     f"the connector '/etc/passwd' is not one of the listed models (ella-sd1.5-tsc-t5xl, {CONNECTOR}, tiny-sdxl)"),
+    ([True, "../ELLA/tiny-sd15"], "the connector '../ELLA/tiny-sd15' is not one of the listed models"),
+    ([True, CONNECTOR, "google/flan-t5-xxl"], "the text encoder 'google/flan-t5-xxl' is not one of the listed"),
+    ([True, CONNECTOR, "~/secrets"], "the text encoder '~/secrets' is not one of the listed"),
     ([{"token_length": "long"}], "token_length must be one of 'Flexible', 'Fixed'"),
     ([True, CONNECTOR, ENCODER, "Fixed", 9999], "max_length must be a whole number from 1 to 512"),
     ({"enabled": True}, "'args' must be a list"),

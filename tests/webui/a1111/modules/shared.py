@@ -47,6 +47,7 @@ opts = Options()
 opts.data.update(use_old_scheduling=False, enable_quantization=False, skip_early_cond=0.0, pad_cond_uncond=False,
                  pad_cond_uncond_v0=False, batch_cond_uncond=True, img2img_fix_steps=False)
 
-cmd_opts = SimpleNamespace(lowvram=False, medvram=False, medvram_sdxl=False)
+# modules/cmd_args.py: --api-auth "user:password[,user2:password2]" (None when not given)
+cmd_opts = SimpleNamespace(lowvram=False, medvram=False, medvram_sdxl=False, api_auth=None)
 state = SimpleNamespace(interrupted=False, skipped=False)  # shared_state.State: Interrupt / Skip set these
 sd_model = None

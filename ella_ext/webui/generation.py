@@ -47,14 +47,20 @@ XYZ_ATTRIBUTE = "ella_xyz"  # overrides set by the XYZ plot's axes
 @dataclass
 class Generation:
     options: ELLAOptions
-    loaded: LoadedModels
-    conditioner: Conditioner
     params: dict  # the host's p.extra_generation_params, where the info-text values go
+    loaded: LoadedModels | None = None  # set once the models are loaded (before the generation is on ``p``)
+    conditioner: Conditioner | None = None
     passes: dict[bool, PassTexts] = field(default_factory=dict)  # key: is the hires pass
     marked: dict[tuple[bool, str], bool] = field(default_factory=dict)
     batch: int = 0
     failed: dict[int, str] = field(default_factory=dict)  # batch number -> why ELLA stopped in it
     calls: dict[int, int] = field(default_factory=dict)  # batch number -> calls ELLA conditioned
+
+    def release(self) -> None:
+        """Drop what this generation holds (its features and rows on the GPU); ELLA does nothing more for it."""
+        if self.conditioner is not None:
+            self.conditioner.release()
+        self.passes.clear()
 
     # -- info text ---------------------------------------------------------------------------------------------------
 
@@ -86,6 +92,7 @@ def parse_options(p, args: Sequence[Any]) -> ELLAOptions:
 
 def start(p, args: Sequence[Any]) -> Generation | None:
     """``process()``: read the options; if ELLA is on, load the models and attach the generation to ``p``."""
+    manager.release_stale()
     infotext.clear(p.extra_generation_params)
     try:
         options = parse_options(p, args)
@@ -94,7 +101,8 @@ def start(p, args: Sequence[Any]) -> Generation | None:
         return None
     if not options.enabled:
         return None
-    manager.generation_started()
+    generation = Generation(options, p.extra_generation_params)
+    manager.generation_started(generation)  # from here on nothing is unloaded under it
     try:
         check_names(options)
         width = host.context_width(p.sd_model)
@@ -103,27 +111,26 @@ def start(p, args: Sequence[Any]) -> Generation | None:
                 "ELLA: this checkpoint is not Stable Diffusion 1.x, 2.x or XL, and ELLA's connectors only condition "
                 "those UNets. Load an SD 1.5 checkpoint to use ELLA, or turn ELLA off."
             )
-        loaded = manager.load(options)
+        loaded = generation.loaded = manager.load(options)
         if loaded.connector.config.out_width != width:
             raise InputError(
                 f"ELLA: the connector {options.connector} outputs width {loaded.connector.config.out_width}, but this "
                 f"checkpoint's UNet takes {width} (SD 1.5: 768, SD 2: 1024, SDXL: 2048). Pick an SD 1.5 checkpoint "
                 "or a connector made for this one."
             )
-        conditioner = Conditioner(
+        generation.conditioner = Conditioner(
             loaded.connector, loaded.encoder, max_length=options.fixed_length,
             cache_entries=int(settings.get("ella_tsc_cache")),
         )
     except ELLAError as err:
-        manager.generation_finished()
+        manager.generation_finished(generation)
         _report(p, str(err))
         return None
     except Exception as err:  # a bug or an unexpected host: never stop the generation for it
-        manager.generation_finished()
+        manager.generation_finished(generation)
         log.exception("ELLA: could not start")
         _report(p, f"ELLA could not start ({type(err).__name__}: {err}); the image uses CLIP.")
         return None
-    generation = Generation(options, loaded, conditioner, p.extra_generation_params)
     setattr(p, ATTRIBUTE, generation)
     return generation
 
@@ -272,12 +279,11 @@ def _rebuild(original, tensor: torch.Tensor):
 
 
 def finish(p) -> None:
-    """``postprocess()``: drop the generation's state and start the idle-unload clock."""
+    """``postprocess()``: drop the generation's state; the models may be unloaded from now on."""
     generation: Generation | None = getattr(p, ATTRIBUTE, None)
     if generation is None:
         return
-    generation.conditioner.release()
-    generation.passes.clear()
+    generation.release()
     with contextlib.suppress(AttributeError):
         delattr(p, ATTRIBUTE)
-    manager.generation_finished()
+    manager.generation_finished(generation)

@@ -53,6 +53,18 @@ def make_room(nbytes: int, target: torch.device) -> None:
     manager.free_memory(nbytes + reserve, target)
 
 
+def job() -> tuple | None:
+    """The job the host is running (``modules/shared_state.py``: ``state.begin(job)`` sets ``job`` and
+    ``time_start``, ``state.end()`` clears ``job``; the UI's queue wrapper and the API call both around every
+    generation), or None when it runs none. A host without that state counts as always busy."""
+    from modules import shared
+
+    state = getattr(shared, "state", None)
+    if state is None or not hasattr(state, "job"):
+        return ("unknown",)
+    return (state.job, getattr(state, "time_start", None)) if state.job else None
+
+
 def models_root() -> str:
     from modules import paths
 

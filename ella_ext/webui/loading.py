@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -119,12 +120,18 @@ def _make_room(key: ModelKey, device: torch.device) -> None:
     host.make_room(sum(t.numel() * t.element_size() for t in tensors), device)
 
 
+class Releasable(Protocol):
+    def release(self) -> None: ...
+
+
 class ModelManager:
-    """Loads what a generation asks for and unloads it after a while without ELLA."""
+    """Loads what a generation asks for and unloads it after a while without ELLA, never during a generation."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
+        self._active: list[tuple[Releasable, object]] = []  # ELLA generations in progress, with their host job
+        self._unload_requested = False
 
     def load(self, options: ELLAOptions) -> LoadedModels:
         paths = model_paths()
@@ -155,39 +162,96 @@ class ModelManager:
         encoder = registry.get(encoder_key, load_encoder)
         return LoadedModels(connector, encoder, connector_key, encoder_key, llm_device, offload)
 
-    # -- idle unloading ------------------------------------------------------------------------------------------------
+    # -- the generations in progress, and unloading -------------------------------------------------------------------
+    # The host runs one job at a time (its queue lock); a job can hold several generations, one after another (the
+    # X/Y/Z plot) or nested (ADetailer runs one inside another's postprocess_image). Nothing is unloaded while a
+    # generation of the running job is in progress: the button's request waits for the job's ELLA generations to
+    # end, and the idle clock looks again later. A generation left over from a job that has ended died before
+    # ``postprocess`` (out of memory in the UNet, another extension's error): the next generation, or the idle
+    # clock, whichever comes first, releases what it holds.
 
-    def generation_started(self) -> None:
-        """Stop the idle clock (the host runs one generation at a time)."""
+    def release_stale(self) -> None:
+        """At the start of any generation: release generations of jobs that have ended."""
+        job = host.job()
         with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            stale = [g for g, owner in self._active if owner != job or job is None]
+            self._active = [(g, owner) for g, owner in self._active if owner == job and job is not None]
+            if stale:
+                self._arm()
+        for generation in stale:
+            log.info("ELLA: a generation of an earlier job ended without finishing; releasing what it held")
+            generation.release()
 
-    def generation_finished(self) -> None:
-        """Start the idle clock: unload everything if no ELLA generation starts within the set minutes. A generation
-        that died before ``postprocess`` leaves no count behind: the next one just stops and restarts the clock."""
+    def generation_started(self, generation: Releasable) -> None:
+        """An ELLA generation begins: nothing is unloaded until it ends. The idle clock keeps running, so the models
+        are unloaded even if this generation dies without ending."""
+        with self._lock:
+            self._active.append((generation, host.job()))
+            self._arm()
+
+    def generation_finished(self, generation: Releasable) -> None:
+        """It ended (``postprocess``): do a deferred unload once no generation is left, else restart the clock."""
+        with self._lock:
+            self._active = [(g, owner) for g, owner in self._active if g is not generation]
+            if self._unload_requested and not self._active:
+                self._unload_requested = False
+                self._unload_all("as asked during the generation")
+            else:
+                self._arm()
+
+    def unload(self) -> int | None:
+        """The UI's button: unload everything now, or, while a generation runs, when it ends (then None)."""
+        with self._lock:
+            if self._running():
+                self._unload_requested = True
+                return None
+            stale, self._active = self._active, []
+            count = self._unload_all("on request")
+        for generation, _ in stale:
+            generation.release()
+        return count
+
+    def _running(self) -> bool:
+        """Whether a generation of the job the host is running now is in progress; the caller holds the lock."""
+        job = host.job()
+        return job is not None and any(owner == job for _, owner in self._active)
+
+    def _arm(self) -> None:
+        """(Re)start the idle clock; the caller holds the lock."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         minutes = float(settings.get("ella_unload_minutes") or 0)
-        with self._lock:
-            if minutes <= 0 or not len(registry):
-                return
-            self._timer = threading.Timer(minutes * 60, self._unload_if_idle)
-            self._timer.daemon = True
-            self._timer.start()
+        if minutes <= 0:
+            return
+        timer = threading.Timer(minutes * 60, self._unload_if_idle)
+        timer.daemon = True
+        timer.args = (timer,)
+        self._timer = timer
+        timer.start()
 
-    def _unload_if_idle(self) -> None:
+    def _unload_if_idle(self, timer: threading.Timer) -> None:
         with self._lock:
-            if self._timer is None:  # cancelled by a generation that started meanwhile
+            if self._timer is not timer:  # restarted or stopped meanwhile
                 return
             self._timer = None
-        count = registry.unload_all()
-        if count:
-            log.info("ELLA: unloaded %d model(s) after %s minutes unused", count, settings.get("ella_unload_minutes"))
+            if self._running():  # a long job, still at work: look again later
+                self._arm()
+                return
+            stale, self._active = self._active, []
+            self._unload_all(f"after {settings.get('ella_unload_minutes')} minutes unused")
+        for generation, _ in stale:
+            generation.release()
 
-    def unload(self) -> int:
-        """Unload everything now (the UI's button); returns how many models were dropped."""
+    def _unload_all(self, why: str) -> int:
+        """Unload every model; the caller holds the lock, so no generation can start loading meanwhile."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         count = registry.unload_all()
         host.torch_gc()
+        if count:
+            log.info("ELLA: unloaded %d model(s) %s", count, why)
         return count
 
 

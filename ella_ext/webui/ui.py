@@ -128,6 +128,8 @@ def _status_html() -> str:
 
 def _unload():
     count = loading.manager.unload()
+    if count is None:
+        return "<p class='ella-status'>ELLA's models will be unloaded when the current generation ends.</p>"
     return f"<p class='ella-status'>Unloaded {count} ELLA model(s).</p>"
 
 

@@ -187,8 +187,10 @@ class Host:
 
         monkeypatch.setattr(generation, "Conditioner", RecordingConditioner)
 
-    def run(self, prompt, negative_prompt="", *, args=None, img2img=False, **kwargs):
-        from modules import processing, scripts
+    def run(self, prompt, negative_prompt="", *, args=None, img2img=False, job=True, **kwargs):
+        """One generation, as the UI's queue wrapper or the API runs it: inside ``state.begin`` / ``state.end``
+        (``job=False``: as a nested generation, inside the job already running)."""
+        from modules import processing, scripts, shared
 
         self.recorded.calls.clear()
         args = ella_args() if args is None else args
@@ -197,7 +199,13 @@ class Host:
         p = cls(prompt, negative_prompt, script_args=[None, *args], **kwargs)
         runner = scripts.ScriptRunner(self.script)
         self.script.args_to = 1 + len(args)
-        processed = processing.process_images(p, runner)
+        if job:
+            shared.state.begin(job="test")
+        try:
+            processed = processing.process_images(p, runner)
+        finally:
+            if job:
+                shared.state.end()
         p.runner = runner
         return p, processed
 

@@ -355,7 +355,7 @@ def test_no_not_called_message_after_an_interrupt(host, monkeypatch):
 
     from ella_ext.webui import generation
 
-    monkeypatch.setattr(generation, "on_denoiser", lambda params, timesteps: None)
-    monkeypatch.setattr(shared.state, "interrupted", True)
+    # the user presses Interrupt while sampling, before ELLA conditioned a call
+    monkeypatch.setattr(generation, "on_denoiser", lambda params, timesteps: setattr(shared.state, "interrupted", True))
     p, processed = host.run("a cube", steps=2)
     assert "ELLA" not in processed.infotexts[0]

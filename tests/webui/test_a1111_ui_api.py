@@ -259,24 +259,3 @@ def test_invalid_generation_requests_are_rejected(client, args, message):
 def test_other_requests_untouched(client):
     response = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat"})
     assert response.status_code == 200
-
-
-def test_models_unload_after_idle_minutes_and_on_the_button(host, monkeypatch):
-    from modules import shared
-
-    from ella_ext.registry import registry
-    from ella_ext.webui import loading
-
-    host.run("a cube", steps=1)
-    assert len(registry) == 2
-    timer = loading.manager._timer
-    assert timer is not None and timer.interval == 15 * 60  # the default: 15 minutes
-    host.run("a cube", steps=1)  # a new generation restarts the clock
-    assert timer.finished.is_set() and loading.manager._timer is not timer
-    loading.manager._timer.cancel()
-    loading.manager._timer.function()  # as if the minutes had passed with a timer still set
-    assert len(registry) == 0
-    shared.opts.ella_unload_minutes = 0
-    host.run("a cube", steps=1)
-    assert len(registry) == 2 and loading.manager._timer is None  # 0: never
-    assert loading.manager.unload() == 2 and len(registry) == 0

@@ -49,5 +49,26 @@ opts.data.update(use_old_scheduling=False, enable_quantization=False, skip_early
 
 # modules/cmd_args.py: --api-auth "user:password[,user2:password2]" (None when not given)
 cmd_opts = SimpleNamespace(lowvram=False, medvram=False, medvram_sdxl=False, api_auth=None)
-state = SimpleNamespace(interrupted=False, skipped=False)  # shared_state.State: Interrupt / Skip set these
+class State:
+    """modules/shared_state.py State: Interrupt / Skip set ``interrupted`` / ``skipped``; ``begin(job)`` (which
+    clears them) and ``end()`` frame every job: modules/call_queue.py wrap_gradio_gpu_call for the UI,
+    modules/api/api.py text2imgapi / img2imgapi for the API."""
+
+    def __init__(self):
+        self.interrupted = self.skipped = False
+        self.job = ""
+        self.time_start = None
+        self._jobs = 0
+
+    def begin(self, job="(unknown)"):
+        self._jobs += 1
+        self.time_start = float(self._jobs)  # time.time() in the host: distinct per job
+        self.skipped = self.interrupted = False
+        self.job = job
+
+    def end(self):
+        self.job = ""
+
+
+state = State()
 sd_model = None

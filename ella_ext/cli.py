@@ -1,5 +1,5 @@
-"""``python -m ella_ext check``: load a connector and a text encoder, encode a sample prompt, run the TSC at a few
-timesteps and report shapes, timings, peak memory and any non-finite value."""
+"""``python -m ella_ext check``: load connectors and text encoders, encode a sample prompt, run the TSC at a few
+timesteps and report shapes, timings, peak memory and any non-finite value: one pair, or every model of a folder."""
 
 from __future__ import annotations
 
@@ -18,13 +18,14 @@ SAMPLE_PROMPT = (
     "white daisies; the two items sit on a rustic wooden table with a window behind them."
 )
 TIMESTEPS = (999.0, 750.5, 500.0, 250.0, 1.0)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}
 HOW_TO_GET_MODELS = """\
 No ELLA models were found.
   Connector: download ella-sd1.5-tsc-t5xl.safetensors from https://huggingface.co/QQGYLab/ELLA
              into {connectors}
   LLM:       the folder models--google--flan-t5-xl--text_encoder from the same repository,
              into {encoders} (or pass a hub id such as google/flan-t5-xl)
-Then run: python -m ella_ext check --connector PATH --text-encoder PATH_OR_ID
+Then run this again, or: python -m ella_ext check --connector PATH --text-encoder PATH_OR_ID
 (--models-dir DIR, or the ELLA_MODELS_DIR environment variable, says where the WebUI's models folder is.)"""
 
 
@@ -52,31 +53,20 @@ def _peak_memory(device: torch.device) -> str:
         return "n/a"
 
 
-def _default_paths(models_dir: Path) -> tuple[Path | None, Path | None, Path, Path]:
-    """The first connector and text encoder already on disk (the official ones first), and the two folders."""
-    from .model_files import ModelPaths, list_connectors, list_text_encoders
-
-    paths = ModelPaths.from_models_root(models_dir)
-
-    def first(entries):
-        ready = sorted((e for e in entries.values() if e.available), key=lambda e: not e.official)
-        return ready[0].path if ready else None
-
-    return first(list_connectors(paths)), first(list_text_encoders(paths)), paths.connectors, paths.text_encoders
+def _sample_features(width: int, device: torch.device, dtype: torch.dtype | None):
+    """Stand-in LLM features for a connector no text encoder on disk fits (the connector alone is still checked)."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, 77, width, generator=generator).to(device, dtype or torch.float32), None
 
 
-def check(connector_path, encoder_path, device_name: str, dtype_name: str | None, out=print) -> int:
-    from . import load_connector, load_text_encoder
+def check_encoder(encoder_path, device: torch.device, dtype: torch.dtype | None, out=print):
+    """Load an LLM and encode the sample prompt, flexible and fixed. Returns (encoder, [(label, features, mask)],
+    problems)."""
+    from . import load_text_encoder
 
-    device = torch.device(device_name)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, None: None}[dtype_name]
-    connector, ms = _timed(lambda: load_connector(connector_path, device=device, dtype=dtype or torch.float32), device)
-    cfg = connector.config
-    out(f"connector  {connector_path}: {cfg} loaded in {ms:.0f} ms ({connector.dtype}, {device})")
     encoder, ms = _timed(lambda: load_text_encoder(encoder_path, device=device, dtype=dtype), device)
     out(f"LLM        {encoder_path}: hidden size {encoder.hidden_size}, {encoder.dtype}, loaded in {ms:.0f} ms")
-    encoder.check_fits(cfg.in_width, str(connector_path))
-    problems = 0
+    problems, encodings = 0, []
     for label, max_length in (("flexible", None), ("fixed 128", 128)):
         (features, mask), ms = _timed(lambda ml=max_length: encoder.encode([SAMPLE_PROMPT], ml), device)
         encoder.cache.clear()
@@ -84,39 +74,120 @@ def check(connector_path, encoder_path, device_name: str, dtype_name: str | None
         problems += bad > 0
         out(f"encode     {label}: features {list(features.shape)}, {int(mask.sum())} real tokens, {ms:.1f} ms, "
             f"non-finite values: {bad}")
-        tsc_mask = mask if max_length is None else None  # fixed length attends to the padding, as the reference
+        encodings.append((label, features, mask if max_length is None else None))  # fixed attends to the padding
+    return encoder, encodings, problems
+
+
+def check_connector(connector_path, encodings, device: torch.device, dtype: torch.dtype | None, out=print) -> int:
+    """Load a connector and run it at five timesteps on each encoding; returns how many outputs were non-finite."""
+    from . import load_connector
+
+    connector, ms = _timed(lambda: load_connector(connector_path, device=device, dtype=dtype or torch.float32),
+                           device)
+    out(f"connector  {connector_path}: {connector.config} loaded in {ms:.0f} ms ({connector.dtype}, {device})")
+    problems = 0
+    for label, features, mask in encodings:
         for t in TIMESTEPS:
-            ctx, ms = _timed(lambda x=features, ts=t, m=tsc_mask: connector(x, ts, m), device)
+            ctx, ms = _timed(lambda x=features, ts=t, m=mask: connector(x, ts, m), device)
             bad = int((~torch.isfinite(ctx)).sum())
             problems += bad > 0
-            out(f"TSC        t={t:>6}: context {list(ctx.shape)} {ctx.dtype}, {ms:.2f} ms, "
+            out(f"TSC        {label}, t={t:>6}: context {list(ctx.shape)} {ctx.dtype}, {ms:.2f} ms, "
                 f"mean |x| {ctx.float().abs().mean():.4f}, non-finite values: {bad}")
+    return problems
+
+
+def check(connector_path, encoder_path, device_name: str, dtype_name: str | None, out=print) -> int:
+    """One connector with one text encoder (they must fit each other)."""
+    device, dtype = torch.device(device_name), DTYPES[dtype_name]
+    encoder, encodings, problems = check_encoder(encoder_path, device, dtype, out)
+    from . import connector_file
+
+    encoder.check_fits(connector_file.read_config(connector_path).in_width, str(connector_path))
+    problems += check_connector(connector_path, encodings, device, dtype, out)
     out(f"peak memory {_peak_memory(device)}")
     out("OK" if not problems else f"PROBLEM: {problems} outputs had non-finite values")
     return 0 if not problems else 1
 
 
+def check_folder(models_dir: Path, device_name: str, dtype_name: str | None, out=print) -> int:
+    """Every connector and every text encoder of a models folder, each reported; 1 if any is bad, 2 if none."""
+    from . import connector_file
+    from .model_files import ModelPaths, list_connectors, list_text_encoders
+
+    paths = ModelPaths.from_models_root(models_dir)
+    connectors = [e for e in list_connectors(paths).values() if e.available]
+    encoders = [e for e in list_text_encoders(paths).values() if e.available or e.problem]
+    if not connectors and not encoders:
+        print(HOW_TO_GET_MODELS.format(connectors=paths.connectors, encoders=paths.text_encoders), file=sys.stderr)
+        return 2
+    device, dtype = torch.device(device_name), DTYPES[dtype_name]
+    verdicts: dict[str, str] = {}
+    widths: dict[str, int] = {}
+    for entry in connectors:
+        try:
+            widths[entry.name] = connector_file.read_config(entry.path).in_width
+        except ELLAError as err:
+            verdicts[f"connector {entry.name}"] = f"BAD: {err}"
+    for entry in encoders:
+        name = f"text encoder {entry.name}"
+        if entry.problem:
+            verdicts[name] = f"BAD: {entry.problem}"
+            continue
+        try:
+            encoder, encodings, problems = check_encoder(entry.path, device, dtype, out)
+        except ELLAError as err:
+            verdicts[name] = f"BAD: {err}"
+            continue
+        verdicts[name] = "OK" if not problems else f"BAD: {problems} encodings had non-finite values"
+        for connector in [c for c in connectors if widths.get(c.name) == encoder.hidden_size]:
+            if f"connector {connector.name}" not in verdicts:
+                verdicts[f"connector {connector.name}"] = _verdict(connector.path, encodings, device, dtype, out,
+                                                                   f"with {entry.name}")
+        del encoder, encodings
+    for connector in connectors:  # no text encoder on disk reads its width: the connector alone, on stand-in features
+        if f"connector {connector.name}" not in verdicts:
+            stand_in = [("stand-in features", *_sample_features(widths[connector.name], device, dtype))]
+            verdicts[f"connector {connector.name}"] = _verdict(
+                connector.path, stand_in, device, dtype, out,
+                f"alone: no text encoder here gives {widths[connector.name]}-wide features")
+    out(f"peak memory {_peak_memory(device)}")
+    out("")
+    for name, verdict in verdicts.items():
+        out(f"{name}: {verdict}")
+    bad = sum(not v.startswith("OK") for v in verdicts.values())
+    out("OK" if not bad else f"PROBLEM: {bad} of {len(verdicts)} models")
+    return 0 if not bad else 1
+
+
+def _verdict(path, encodings, device, dtype, out, how: str) -> str:
+    try:
+        problems = check_connector(path, encodings, device, dtype, out)
+    except ELLAError as err:
+        return f"BAD: {err}"
+    return f"OK ({how})" if not problems else f"BAD: {problems} outputs had non-finite values ({how})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ella_ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("check", help="load the models and run them once on a sample prompt")
+    p = sub.add_parser("check", help="load the models and run them once on a sample prompt",
+                       description="With --connector and --text-encoder: that pair. Without them: every connector "
+                                   "and text encoder of the models folder, each reported; the exit code is 1 if any "
+                                   "is bad, 2 if there are none.")
     p.add_argument("--connector", help="a connector .safetensors file")
     p.add_argument("--text-encoder", help="an LLM folder or hub id")
     p.add_argument("--models-dir", default=os.environ.get("ELLA_MODELS_DIR", "models"),
-                   help="the WebUI's models folder, searched when a path is not given (default: %(default)s)")
+                   help="the WebUI's models folder, checked whole when no pair is given (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
                    help="default: fp16 on CUDA, fp32 elsewhere (the connector runs in fp32 unless this is given)")
     args = parser.parse_args(argv)
-
-    found_connector, found_encoder, connectors, encoders = _default_paths(Path(args.models_dir))
-    connector = args.connector or found_connector
-    encoder = args.text_encoder or found_encoder
-    if connector is None or encoder is None:
-        print(HOW_TO_GET_MODELS.format(connectors=connectors, encoders=encoders), file=sys.stderr)
-        return 2
+    if bool(args.connector) != bool(args.text_encoder):
+        parser.error("give both --connector and --text-encoder, or neither to check the whole models folder")
     try:
-        return check(connector, encoder, args.device, args.dtype)
+        if args.connector:
+            return check(args.connector, args.text_encoder, args.device, args.dtype)
+        return check_folder(Path(args.models_dir), args.device, args.dtype)
     except ELLAError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1

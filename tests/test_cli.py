@@ -34,6 +34,38 @@ def test_check_finds_models_in_the_models_folder(tmp_path, tiny_connector_file, 
     assert result.returncode == 0, result.stderr
 
 
+def test_check_reports_every_model_of_the_folder_and_goes_on_after_a_bad_one(tmp_path, tiny_connector_file,
+                                                                            tiny_t5_dir):
+    from ella_ext.connector import Connector, ConnectorConfig
+    from ella_ext.connector_file import save_connector
+
+    from .random_weights import init_random
+
+    ella = tmp_path / "ELLA"
+    (ella / "text_encoders").mkdir(parents=True)
+    (ella / "a-corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (ella / "b-tiny.safetensors").symlink_to(tiny_connector_file)
+    save_connector(init_random(Connector(ConnectorConfig(time_channels=8, time_embed_dim=8, width=8, layers=1,
+                                                         heads=2, num_latents=2, input_dim=64))),
+                   ella / "c-wide.safetensors")
+    (ella / "text_encoders" / "tiny-t5").symlink_to(tiny_t5_dir)
+    pickled = ella / "text_encoders" / "pickled"
+    pickled.mkdir()
+    for name in ("config.json", "spiece.model"):
+        (pickled / name).symlink_to(tiny_t5_dir / name)
+    (pickled / "pytorch_model.bin").write_bytes(b"a pickle")
+    result = run("check", "--models-dir", str(tmp_path), "--device", "cpu")
+    assert result.returncode == 1, result.stdout + result.stderr
+    verdicts = result.stdout.split("peak memory")[1]
+    assert "connector a-corrupt: BAD: " in verdicts and "not a readable safetensors file" in verdicts
+    assert "connector b-tiny: OK (with tiny-t5)" in verdicts
+    assert "connector c-wide: OK (alone: no text encoder here gives 64-wide features)" in verdicts
+    assert "text encoder tiny-t5: OK" in verdicts
+    assert "text encoder pickled: BAD: " in verdicts and "only pickled weights" in verdicts
+    assert "text encoder models--google--flan-t5-xl--text_encoder" not in verdicts  # not on disk: nothing to check
+    assert result.stdout.strip().endswith("PROBLEM: 2 of 5 models")
+
+
 def test_check_without_models_says_how_to_get_them(tmp_path):
     result = run("check", "--models-dir", str(tmp_path))
     assert result.returncode == 2

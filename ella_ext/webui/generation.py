@@ -208,6 +208,7 @@ def fail(generation: Generation, err: BaseException) -> None:
     else:
         message = f"ELLA failed ({type(err).__name__}: {err})"
         log.exception("ELLA failed")
+    message = message.rstrip().rstrip(".")  # the sentence goes on
     if generation.calls.get(batch):
         message += f"; CLIP conditioned this batch from sampler call {generation.calls[batch] + 1} on"
     else:

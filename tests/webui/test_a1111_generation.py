@@ -126,6 +126,12 @@ def test_separate_llm_prompt(host):
     assert texts_per_call(host)[0] == ["a small red cube on a wooden table", ""]
 
 
+def test_llm_prompt_with_the_wrong_number_of_parts_is_one_sentence(host):
+    p, processed = host.run("a cube AND a ball AND a cone", steps=1, args=ella_args(llm_prompt="red AND blue"))
+    assert host.recorded.calls == [] and p.denoisers[0].inner_calls
+    assert "give the ELLA prompt one part, or as many parts as the prompt; this batch uses CLIP" in processed.info
+
+
 def test_fixed_token_length(host, reference):
     p, processed = host.run("a cube", steps=1, args=ella_args(token_length="Fixed", max_length=16))
     texts, timesteps, _ = host.recorded.calls[0]

@@ -10,6 +10,20 @@ from ella_ext.connector_file import save_connector
 
 from .random_weights import init_random
 
+
+def _cpu_fp16_products() -> bool:
+    try:
+        torch.ones(2, 2, dtype=torch.float16) @ torch.ones(2, 2, dtype=torch.float16)
+    except RuntimeError:  # torch 2.1 (A1111 1.10's): "addmm_impl_cpu_" not implemented for 'Half'
+        return False
+    return True
+
+
+CPU_FP16 = _cpu_fp16_products()
+needs_cpu_fp16 = pytest.mark.skipif(
+    not CPU_FP16, reason="this torch (2.1, A1111 1.10's) has no fp16 matrix products on the CPU; newer stacks run it"
+)
+
 TINY = ConnectorConfig(time_channels=16, time_embed_dim=24, width=32, layers=2, heads=4, num_latents=8, input_dim=20)
 
 

@@ -9,7 +9,7 @@ from ella_ext import load_connector, load_text_encoder
 from ella_ext.conditioning import Conditioner
 from ella_ext.errors import InputError, TextEncoderError
 
-from .conftest import TINY
+from .conftest import TINY, needs_cpu_fp16
 from .reference_tsc import reference_tsc
 from .test_text_encoders import direct_t5
 
@@ -152,6 +152,7 @@ def test_errors(parts, tiny_connector_file):
         Conditioner(wide, encoder)
 
 
+@needs_cpu_fp16
 def test_half_precision_connector(parts, tiny_connector_file):
     """An fp16 connector (as on a GPU) with fp32 LLM features: fp16 rows, close to the fp32 conditioner's."""
     connector, encoder, _ = parts

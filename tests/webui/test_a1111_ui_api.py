@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 import pytest
+from fastapi.security import HTTPBasicCredentials  # module level: FastAPI resolves the dependency's annotation here
 
 from ella_ext import options
 from ella_ext.webui import infotext
@@ -113,7 +114,7 @@ def test_xyz_axes_added_once(host):
 @pytest.fixture
 def client(host):
     from fastapi import Body, Depends, FastAPI, HTTPException
-    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+    from fastapi.security import HTTPBasic
     from fastapi.testclient import TestClient
     from modules import script_callbacks, shared
 

@@ -83,8 +83,16 @@ def write_clip_tokenizer(folder: Path) -> None:
          "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
 
 
+CONTEXT_GAIN = 8.0
+
+
 def make_base(folder: Path, family: str = "sd15", prediction: str = "epsilon") -> Path:
-    tiny_unet(family).save_pretrained(folder / "unet")
+    unet = tiny_unet(family)
+    with torch.no_grad():  # a random UNet barely listens to its context; a trained one does: make this one listen
+        for name, p in unet.named_parameters():
+            if ".attn2.to_out.0." in name:
+                p.mul_(CONTEXT_GAIN)
+    unet.save_pretrained(folder / "unet")
     tiny_vae().save_pretrained(folder / "vae")
     scheduler(prediction).save_pretrained(folder / "scheduler")
     if family == "sdxl":
@@ -122,10 +130,10 @@ def make_caption_folder(folder: Path, count: int = 8, sizes=None) -> Path:
     return folder
 
 
-def write_config(path: Path, *, base: Path, llm: Path, data: list[Path] | Path, output: Path, **sections) -> Path:
+def write_config(path: Path, *, base: Path, llm: Path, images: list[Path] | Path, output: Path, **sections) -> Path:
     """A TOML config; ``sections`` are dicts per section merged over tiny-model defaults."""
     sources = sections.pop("sources", None) or [{"path": str(p), "caption_dropout": 0.0}
-                                                for p in (data if isinstance(data, list) else [data])]
+                                                for p in (images if isinstance(images, list) else [images])]
     defaults = {
         "model": {"base": str(base), "llm": str(llm), "max_length": 16},
         "connector": {"width": 32, "layers": 2, "heads": 4, "latents": 8, "time_channels": 16},

@@ -41,7 +41,8 @@ class Key:
 # section -> key -> Key. ``None`` default = optional ("not set").
 KEYS: dict[str, dict[str, Key]] = {
     "model": {
-        "base": Key(str, help="diffusers pipeline folder, hub id, or A1111-style single-file .safetensors (SD 1.5 or SDXL)"),
+        "base": Key(str, help="diffusers pipeline folder, hub id, or A1111-style single-file .safetensors "
+                              "(SD 1.5 or SDXL)"),
         "base_config": Key(str, "", help="single-file bases only: a diffusers-layout config folder instead of the "
                                           "configs the project carries (for a checkpoint of another shape)"),
         "family": Key(str, "auto", "base model family", choices=("auto", "sd15", "sdxl")),
@@ -270,4 +271,5 @@ def _check_combinations(config: Config) -> None:
     if config.model["token_length"] == "fixed" and config.model["max_length"] > 4096:
         raise ConfigError("[model] max_length is above 4096: fixed length pads every caption to it; lower it.")
     if not data["caption_extension"].startswith("."):
-        raise ConfigError(f"[data] caption_extension = {data['caption_extension']!r} must start with a dot, e.g. '.txt'.")
+        raise ConfigError(f"[data] caption_extension = {data['caption_extension']!r} must start with a dot, "
+                          "e.g. '.txt'.")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import ELLAError
-from .config import Config, Source
+from .config import Config
 
 log = logging.getLogger("ella")
 

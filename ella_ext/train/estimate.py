@@ -7,6 +7,7 @@ resolution, unless ``measure`` is off."""
 from __future__ import annotations
 
 import time
+
 import torch
 
 from .config import Config

@@ -201,7 +201,7 @@ def _load_folder(base: str, config: Config) -> tuple[str, Any, Any, Any, Any, An
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
         scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise BaseModelError(f"[model] base = {base!r} is not a diffusers pipeline (folder or hub id with unet/, "
                              f"vae/ and scheduler/) that could be loaded: {exc}") from exc
     family = "sdxl" if unet.config.addition_embed_type == "text_time" else "sd15"

@@ -13,7 +13,9 @@ from ella_ext.train.config import ConfigError, load_config
 from ella_ext.train.data import DataError, ListedPlan, Skipped, list_sources, make_buckets, pick_bucket, stream_batches
 from ella_ext.train.loop import train
 
-from .conftest import CAPTIONS, make_caption_folder, make_image, write_config
+from .conftest import CAPTIONS, make_caption_folder, make_image, needs_extras, write_config
+
+needs_extras()
 
 
 def _config(tmp_path, images, sd15_base, tiny_t5_dir, **sections):

@@ -9,13 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest  # noqa: F401
 import torch
 from safetensors.torch import load_file
 
 from ella_ext.train.config import load_config
 from ella_ext.train.loop import train
 
-from .conftest import write_config
+from .conftest import needs_extras, write_config
+
+needs_extras()
 
 ROOT = Path(__file__).resolve().parents[2]
 # Two processes average their gradients where one process sums over the whole batch: the same maths in another

@@ -15,8 +15,10 @@ from ella_ext.train.loop import train
 from ella_ext.train.model import load_base
 
 from ..webui.conftest import forge_host, host, models_dir  # noqa: F401  (the host doubles' fixtures)
-from .conftest import scheduler, tiny_unet, tiny_vae, write_config
+from .conftest import needs_extras, scheduler, tiny_unet, tiny_vae, write_config
 from .ldm_layout import unet_to_ldm, vae_to_ldm
+
+needs_extras()
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,8 @@ def test_carried_configs_have_the_real_models_shapes():
     counts = {}
     with init_empty_weights():
         for family in ("sd15", "sdxl"):
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIGS / family, subfolder="unet"))
+            unet_config = UNet2DConditionModel.load_config(CONFIGS / family, subfolder="unet")
+            unet = UNet2DConditionModel.from_config(unet_config)
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIGS / family, subfolder="vae"))
             counts[family] = (sum(p.numel() for p in unet.parameters()), sum(p.numel() for p in vae.parameters()))
         clip = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(CONFIGS / "sdxl" / "text_encoder_2"))
@@ -79,12 +82,12 @@ def trained_pair(tmp_path_factory, sd15_base, sdxl_base, tiny_t5_dir, images8):
     return out
 
 
-def _install(models_dir, trained_pair, name):
-    shutil.copy(trained_pair[name], models_dir / "ELLA" / f"trained-{name}.safetensors")
+def _install(root, trained_pair, name):
+    shutil.copy(trained_pair[name], root / "ELLA" / f"trained-{name}.safetensors")
     return f"trained-{name}"
 
 
-def test_trained_connectors_condition_a1111_generations(host, models_dir, trained_pair):
+def test_trained_connectors_condition_a1111_generations(host, models_dir, trained_pair):  # noqa: F811
     from modules import shared
 
     from ..webui.conftest import FakeSDModel, ella_args
@@ -101,7 +104,7 @@ def test_trained_connectors_condition_a1111_generations(host, models_dir, traine
     assert cond_in["crossattn"].shape == (2, 8, 2048) and f"ELLA: {sdxl}" in processed.infotexts[0]
 
 
-def test_trained_connectors_condition_forge_generations(forge_host, models_dir, trained_pair):
+def test_trained_connectors_condition_forge_generations(forge_host, models_dir, trained_pair):  # noqa: F811
     from modules import shared
 
     from ..webui.conftest import ella_args, forge_sd_model

@@ -26,12 +26,15 @@ from ella_ext.train.config import load_config
 from ella_ext.train.loop import Inputs, compute_loss, load_encoder, make_accelerator, train
 from ella_ext.train.model import init_connector, load_base
 
-from .conftest import CAPTIONS, write_config
+from .conftest import CAPTIONS, needs_extras, write_config
+
+needs_extras()
 
 # A frozen random UNet cannot denoise, so no connector brings the epsilon loss below about mean(noise^2) (= 1): what a
 # TSC can learn is to cancel the error its context drives through the cross-attention. The test measures that excess
 # (loss - mean(noise^2), same images, timesteps and noise before and after) and asks it to shrink to under half;
-# measured: 0.095 -> 0.0014 (ratio 0.015) after 30 steps. An untrained or broken TSC (no gradient reaching it) keeps a ratio of 1.
+# measured: 0.095 -> 0.0014 (ratio 0.015) after 30 steps. An untrained or broken TSC (no gradient reaching it)
+# keeps a ratio of 1.
 OVERFIT_EXCESS_RATIO = 0.5
 
 

@@ -1,0 +1,162 @@
+"""``python -m ella_ext.train {train,cache,sample,estimate} --config run.toml`` (also under ``accelerate launch -m
+ella_ext.train`` and ``torchrun -m ella_ext.train``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ..errors import ELLAError
+
+log = logging.getLogger("ella")
+
+EPILOG = """\
+Every config key, its default and its meaning: README.md, "Training connectors".
+Several GPUs: accelerate launch -m ella_ext.train train --config run.toml
+Several processes on CPUs: torchrun --standalone --nproc_per_node 2 -m ella_ext.train train --config run.toml
+(accelerate launch --cpu starts one process only)."""
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, type=Path, help="the run's TOML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config key (TOML value syntax; repeatable), e.g. --set train.steps=2000")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ella_ext.train", description=__doc__.splitlines()[0],
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = sub.add_parser("train", help="train a connector", epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Train the TSC against the frozen base and LLM. Writes connector.safetensors, "
+                                       "connector-step{N}.safetensors, metrics.jsonl, logs/ (TensorBoard), samples/ "
+                                       "and checkpoints/ under [train] output. Ctrl-C or SIGTERM saves a checkpoint.")
+    _config_args(train)
+    train.add_argument("--resume", metavar="latest|PATH",
+                       help="continue exactly from the newest checkpoint under [train] output/checkpoints, or from "
+                            "a checkpoint folder; raising [train] steps trains on")
+    cache = sub.add_parser("cache", help="pre-encode VAE latents and LLM features to disk",
+                           description="Encode every image's latent and every caption's LLM features into [train] "
+                                       "cache (split across processes). Training then reads the cache and needs "
+                                       "neither the VAE encoder pass nor the LLM per step.")
+    _config_args(cache)
+    cache.add_argument("--force", action="store_true", help="delete an existing cache folder first")
+    sample = sub.add_parser("sample", help="images from a connector and the base model",
+                            description="Generate one image per prompt ([sample] prompts, or --prompt) with DDIM and "
+                                        "guidance against the empty text; the TSC runs at every step.")
+    _config_args(sample)
+    sample.add_argument("--connector", required=True, type=Path, help="the connector .safetensors file")
+    sample.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; replaces [sample] "
+                                                                       "prompts)")
+    sample.add_argument("--out", type=Path, help="folder for the images (default: [train] output/samples)")
+    estimate = sub.add_parser("estimate", help="cache size, memory per device and time per step",
+                              description="Count the data, size the cache and the memory the models, TSC and "
+                                          "optimiser take, and time a few real training steps on random inputs.")
+    _config_args(estimate)
+    estimate.add_argument("--no-measure", action="store_true", help="skip the timed steps (nothing is loaded)")
+    estimate.add_argument("--measure-steps", type=int, default=3, help="timed micro-batches (default 3)")
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    logging.getLogger("ella").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.command == "train":
+        from .loop import train
+
+        result = train(config, resume=args.resume)
+        if result.interrupted:
+            print(f"Interrupted at step {result.step}; checkpoint {result.checkpoint}. Continue with --resume latest.")
+            return 130
+        print(f"Trained {result.step} steps: {result.connector}")
+        return 0
+    if args.command == "cache":
+        return _cache(config, args.force)
+    if args.command == "sample":
+        return _sample(config, args)
+    from .estimate import estimate, format_report
+
+    report = estimate(config, measure=not args.no_measure, measure_steps=max(1, args.measure_steps))
+    print(format_report(report, config))
+    return 0
+
+
+def _cache(config, force: bool) -> int:
+    import shutil
+
+    from .cache import build_cache, cache_complete
+    from .loop import llm_dtype, load_encoder, make_accelerator, weight_dtype
+    from .model import load_base
+
+    folder = config.cache_dir
+    if folder is None:
+        from .config import ConfigError
+
+        raise ConfigError("[train] cache is empty: set it to the folder the cache goes in.")
+    accelerator = make_accelerator(config)
+    if force and accelerator.is_main_process and folder.exists():
+        shutil.rmtree(folder)
+    accelerator.wait_for_everyone()
+    if cache_complete(folder):
+        print(f"{folder} is complete already (use --force to make it again).")
+        return 0
+    base = load_base(config, accelerator.device, weight_dtype(config))
+    encoder = load_encoder(config, accelerator.device)
+    dtype = str(llm_dtype(config, accelerator.device)).replace("torch.", "")
+    build_cache(config, folder, accelerator, base, encoder, dtype)
+    if accelerator.is_main_process:
+        print(f"Cache written: {folder}")
+    return 0
+
+
+def _sample(config, args) -> int:
+    import torch
+
+    from .. import load_connector
+    from .loop import load_encoder, make_accelerator, weight_dtype
+    from .model import load_base
+    from .sample import encode_prompts, generate
+
+    prompts = args.prompt or config.sample["prompts"]
+    if not prompts:
+        from .config import ConfigError
+
+        raise ConfigError("No prompt: give --prompt TEXT or set [sample] prompts.")
+    accelerator = make_accelerator(config)
+    device = accelerator.device
+    base = load_base(config, device, weight_dtype(config))
+    connector = load_connector(args.connector, device, torch.float32)
+    encoder = load_encoder(config, device)
+    encoder.check_fits(connector.config.in_width, args.connector.name)
+    conditions = encode_prompts(config, base, encoder, prompts)
+    out = args.out or config.output / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(generate(config, base, connector, conditions)):
+        path = out / f"{args.connector.stem}-{i}.png"
+        image.save(path)
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return run(args)
+    except ELLAError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"error: {exc}. The trainer needs its extras: pip install -e .[train]", file=sys.stderr)
+        return 2

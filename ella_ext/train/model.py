@@ -1,0 +1,326 @@
+"""The frozen base (UNet, VAE, noise schedule; SDXL's CLIP-G for the pooled embedding) and the TSC that trains.
+
+A base is a diffusers pipeline folder, a hub id, or an A1111-style single-file ``.safetensors`` checkpoint of SD 1.5
+or SDXL. For single files the diffusers configs come from ``configs/`` in this package (or ``[model] base_config``),
+so nothing is fetched from the hub for a local file. The TSC is ``ella_ext.connector.Connector``: the module the
+extension runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..connector import Connector, ConnectorConfig
+from ..errors import ELLAError
+from .config import Config, ConfigError
+
+log = logging.getLogger("ella")
+CONFIGS = Path(__file__).resolve().parent / "configs"
+# The paper's connector for each family (SD 1.5: the official file's shape; SDXL: 2048 wide, about 0.47 B).
+FAMILY_DEFAULTS = {
+    "sd15": {"width": 768, "layers": 6, "heads": 8, "latents": 64, "time_channels": 320},
+    "sdxl": {"width": 2048, "layers": 6, "heads": 16, "latents": 64, "time_channels": 320},
+}
+
+
+class BaseModelError(ELLAError):
+    """The base model cannot be loaded: the message names the file or folder and what to do."""
+
+
+@dataclass
+class Base:
+    family: str
+    unet: Any
+    vae: Any
+    scheduler: Any  # diffusers DDPMScheduler (the training noise schedule)
+    prediction: str  # "epsilon" or "v_prediction"
+    name: str
+    clip_g: Any = None  # SDXL: CLIPTextModelWithProjection (pooled text embedding)
+    clip_g_tokenizer: Any = None
+
+    @property
+    def context_width(self) -> int:
+        return int(self.unet.config.cross_attention_dim)
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_multiple(self) -> int:
+        """Pixel sides must be multiples of this (the VAE's factor times the UNet's downsampling)."""
+        return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.unet, self.vae, self.clip_g) if m is not None]
+
+    def freeze(self) -> None:
+        for module in self.modules():
+            module.requires_grad_(False)
+            module.eval()
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Base:
+        for module in self.modules():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    # -- encoding ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE's latent mean (unscaled; deterministic, so cached and on-the-fly latents agree)."""
+        vae = self.vae
+        return vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents.float() - shift) * float(self.vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = latents / float(self.vae.config.scaling_factor) + shift
+        return self.vae.decode(latents.to(self.vae.dtype)).sample.float()
+
+    @torch.no_grad()
+    def pooled(self, texts: list[str]) -> torch.Tensor | None:
+        """SDXL: CLIP-G's pooled (projected) embedding of each text, as the WebUI hands the UNet; None for SD 1.5."""
+        if self.clip_g is None:
+            return None
+        tokens = self.clip_g_tokenizer(texts, padding="max_length", truncation=True,
+                                       max_length=self.clip_g_tokenizer.model_max_length, return_tensors="pt")
+        out = self.clip_g(tokens.input_ids.to(self.clip_g.device))
+        return out.text_embeds.float()
+
+    def added_conditions(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None, dtype) -> dict | None:
+        if self.family != "sdxl":
+            return None
+        return {"text_embeds": pooled.to(self.unet.device, dtype), "time_ids": time_ids.to(self.unet.device, dtype)}
+
+
+def target_of(base: Base, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    if base.prediction == "epsilon":
+        return noise
+    return base.scheduler.get_velocity(latents, noise, timesteps)
+
+
+# -- loading ------------------------------------------------------------------------------------------------------
+
+
+def _quiet_diffusers() -> None:
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+
+
+def is_single_file(base: str) -> bool:
+    return Path(base).suffix == ".safetensors"
+
+
+def _single_file_family(keys: set[str], path: str) -> str:
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise BaseModelError(f"{path} is not an A1111-style SD checkpoint (it has no model.diffusion_model.* "
+                             "tensors). Give a full SD 1.5 or SDXL checkpoint, or a diffusers pipeline folder.")
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("conditioner.embedders.0.") for k in keys) and not any(
+            k.startswith("conditioner.embedders.1.") for k in keys):
+        raise BaseModelError(f"{path} looks like an SDXL refiner (one text encoder); train on an SDXL base model.")
+    return "sd15"
+
+
+def _load_single_file(path: str, config: Config) -> tuple[str, Any, Any, Any, Any, Any]:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    file = Path(path)
+    if not file.is_file():
+        raise BaseModelError(f"[model] base = {path!r}: no such file.")
+    try:
+        checkpoint = load_file(str(file))
+    except Exception as exc:  # safetensors raises its own types
+        raise BaseModelError(f"{file} could not be read as safetensors ({exc}); it may be a partial download.") from exc
+    family = _single_file_family(set(checkpoint), path)
+    wanted = config.model["family"]
+    if wanted != "auto" and wanted != family:
+        raise ConfigError(f"[model] family = {wanted!r} but {file.name} is an {family} checkpoint; set family = "
+                          f"'auto' or {family!r}.")
+    folder = config.resolve(config.model["base_config"]) if config.model["base_config"] else str(CONFIGS / family)
+    try:
+        unet = UNet2DConditionModel.from_single_file(checkpoint, config=folder, subfolder="unet",
+                                                     local_files_only=True)
+        vae = AutoencoderKL.from_single_file(checkpoint, config=folder, subfolder="vae", local_files_only=True)
+        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    except Exception as exc:  # shape mismatches and missing keys surface as many types
+        raise BaseModelError(f"{file.name} does not fit the {family} configs in {folder} ({exc}). If it is not a "
+                             "standard SD 1.5 / SDXL checkpoint, set [model] base_config to a diffusers folder with "
+                             "its unet/, vae/ and scheduler/ configs.") from exc
+    clip_g = tokenizer = None
+    if family == "sdxl":
+        clip_g, tokenizer = _single_file_clip_g(checkpoint, folder, file.name)
+    if "v_pred" in checkpoint and config.model["prediction"] == "auto":
+        scheduler.register_to_config(prediction_type="v_prediction")
+    return family, unet, vae, scheduler, clip_g, tokenizer
+
+
+def _single_file_clip_g(checkpoint: dict, folder: str, name: str):
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModelWithProjection
+
+    try:
+        model = create_diffusers_clip_model_from_ldm(CLIPTextModelWithProjection, checkpoint,
+                                                     subfolder="text_encoder_2", config=folder, local_files_only=True)
+    except Exception as exc:
+        raise BaseModelError(f"CLIP-G (the SDXL pooled text embedding) could not be read from {name} ({exc}).") \
+            from exc
+    return model, load_clip_tokenizer(folder)
+
+
+def load_clip_tokenizer(folder: str):
+    from transformers import CLIPTokenizer
+
+    for candidate in (Path(folder) / "tokenizer_2", CONFIGS / "sdxl" / "tokenizer_2"):
+        if (candidate / "vocab.json").is_file():
+            return CLIPTokenizer.from_pretrained(str(candidate))
+    raise BaseModelError(
+        "SDXL single-file checkpoints need CLIP-G's tokenizer (vocab.json and merges.txt) for the pooled embedding. "
+        f"Set [model] base_config to a diffusers SDXL folder that has tokenizer_2/ (with unet/, vae/ and scheduler/ "
+        f"configs too), or copy a tokenizer_2 folder into {folder}.")
+
+
+def _load_folder(base: str, config: Config) -> tuple[str, Any, Any, Any, Any, Any]:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    try:
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+        scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"[model] base = {base!r} is not a diffusers pipeline (folder or hub id with unet/, "
+                             f"vae/ and scheduler/) that could be loaded: {exc}") from exc
+    family = "sdxl" if unet.config.addition_embed_type == "text_time" else "sd15"
+    wanted = config.model["family"]
+    if wanted != "auto" and wanted != family:
+        raise ConfigError(f"[model] family = {wanted!r} but {base} holds an {family} UNet; set family = 'auto' or "
+                          f"{family!r}.")
+    clip_g = tokenizer = None
+    if family == "sdxl":
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        try:
+            clip_g = CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2")
+            tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2")
+        except (OSError, ValueError) as exc:
+            raise BaseModelError(f"{base}: SDXL needs text_encoder_2/ and tokenizer_2/ (CLIP-G, for the pooled "
+                                 f"text embedding): {exc}") from exc
+    return family, unet, vae, scheduler, clip_g, tokenizer
+
+
+def load_base(config: Config, device: torch.device, dtype: torch.dtype) -> Base:
+    """The frozen base in ``dtype`` on ``device`` (eval mode, no gradients)."""
+    _quiet_diffusers()
+    base = config.resolve(config.model["base"])
+    loader = _load_single_file if is_single_file(base) else _load_folder
+    family, unet, vae, scheduler, clip_g, tokenizer = loader(base, config)
+    if unet.config.cross_attention_dim is None or isinstance(unet.config.cross_attention_dim, (list, tuple)):
+        raise BaseModelError(f"{base}: the UNet has no single cross-attention width; ELLA conditions SD 1.5 / SDXL "
+                             "UNets.")
+    prediction = config.model["prediction"]
+    if prediction == "auto":
+        prediction = scheduler.config.prediction_type
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"The base's scheduler predicts {prediction!r}; set [model] prediction to 'epsilon' or "
+                          "'v_prediction'.")
+    name = Path(base).name if Path(base).exists() else base
+    result = Base(family, unet, vae, scheduler, prediction, name, clip_g, tokenizer)
+    result.freeze()
+    result.to(device, dtype)
+    log.info("ELLA train: base %s (%s, %s-prediction), context width %d", name, family, prediction,
+             result.context_width)
+    return result
+
+
+# -- the connector ------------------------------------------------------------------------------------------------
+
+
+def connector_config(config: Config, family: str, llm_width: int, context_width: int) -> ConnectorConfig:
+    """The TSC's shape: from ``init_from`` when given (the config's keys must agree), else the family's defaults
+    overridden by the config."""
+    from ..connector_file import read_config
+
+    section = config.connector
+    if section["init_from"]:
+        path = config.resolve(section["init_from"])
+        shape = read_config(path)
+        given = {"width": shape.width, "layers": shape.layers, "heads": shape.heads, "latents": shape.num_latents,
+                 "out_width": shape.out_width, "time_channels": shape.time_channels}
+        for key, value in given.items():
+            if section[key] is not None and section[key] != value:
+                raise ConfigError(f"[connector] {key} = {section[key]} disagrees with init_from {Path(path).name}, "
+                                  f"whose {key} is {value}; remove the key or make it {value}.")
+        if shape.in_width != llm_width:
+            raise ConfigError(f"[connector] init_from {Path(path).name} reads {shape.in_width}-wide LLM features but "
+                              f"[model] llm gives {llm_width}; use the LLM the connector was trained with.")
+        result = shape
+    else:
+        defaults = FAMILY_DEFAULTS[family]
+        value = {k: section[k] if section[k] is not None else defaults[k] for k in defaults}
+        width = value["width"]
+        if width % value["heads"]:
+            raise ConfigError(f"[connector] width = {width} cannot be split into heads = {value['heads']}; pick a "
+                              "head count that divides the width.")
+        out = section["out_width"] or context_width
+        result = ConnectorConfig(time_channels=value["time_channels"], time_embed_dim=width, width=width,
+                                 layers=value["layers"], heads=value["heads"], num_latents=value["latents"],
+                                 input_dim=llm_width, output_dim=None if out == width else out)
+    if result.out_width != context_width:
+        raise ConfigError(f"The connector gives {result.out_width}-wide tokens but the UNet's context is "
+                          f"{context_width} wide; set [connector] out_width = {context_width} (or leave it unset).")
+    return result
+
+
+def init_connector(shape: ConnectorConfig, seed: int) -> Connector:
+    """A fresh TSC initialised as the reference does (AdaLN modulations zero, latents ~ N(0, 1/width), attention
+    Xavier-uniform with zero biases, linears PyTorch's default), from ``seed`` on the CPU so every process and device
+    starts from the same weights."""
+    generator = torch.Generator().manual_seed(seed)
+    model = Connector(shape)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                bound = 1.0 / math.sqrt(module.in_features)  # PyTorch's default (kaiming_uniform with a = sqrt(5))
+                module.weight.copy_(torch.empty_like(module.weight).uniform_(-bound, bound, generator=generator))
+                module.bias.copy_(torch.empty_like(module.bias).uniform_(-bound, bound, generator=generator))
+            elif isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            del name
+        for norm in model._modulation_layers()[1:]:  # every AdaLN: zero, so each block starts as a plain LayerNorm
+            norm.weight.zero_()
+            norm.bias.zero_()
+        for block in model.connector.perceiver_blocks:
+            w = block.attn.in_proj_weight
+            bound = math.sqrt(6.0 / (w.shape[0] + w.shape[1]))
+            w.copy_(torch.empty_like(w).uniform_(-bound, bound, generator=generator))
+            block.attn.in_proj_bias.zero_()
+            block.attn.out_proj.bias.zero_()
+        latents = model.connector.latents
+        latents.copy_(torch.randn(latents.shape, generator=generator) * shape.width ** -0.5)
+    return model
+
+
+def load_or_init_connector(config: Config, shape: ConnectorConfig) -> Connector:
+    from ..connector_file import load_connector
+
+    if config.connector["init_from"]:
+        model = load_connector(config.resolve(config.connector["init_from"]), "cpu", torch.float32)
+    else:
+        model = init_connector(shape, config.train["seed"])
+    model.requires_grad_(True)
+    return model.train()

@@ -44,13 +44,14 @@ _tokenizers_lock = threading.Lock()
 def models_listing() -> dict[str, Any]:
     paths = loading.model_paths()
 
-    def rows(entries):  # names, never paths: a remote client has no business knowing the server's folders
-        return [{"name": e.name, "official": e.official, "available": e.available, "problem": e.problem}
-                for e in entries.values()]
+    def row(e):  # names, never paths: a remote client has no business knowing the server's folders
+        return {"name": e.name, "official": e.official, "available": e.available, "problem": e.problem}
 
     return {
-        "connectors": rows(model_files.list_connectors(paths)),
-        "text_encoders": rows(model_files.list_text_encoders(paths)),
+        # "llm": what a connector says it was trained with ("" when the file does not say, as the official one)
+        "connectors": [{**row(e), "llm": loading.connector_llm(e.path) if e.available else ""}
+                       for e in model_files.list_connectors(paths).values()],
+        "text_encoders": [row(e) for e in model_files.list_text_encoders(paths).values()],
         "args": list(options.FIELD_NAMES),
         "defaults": {name: getattr(options.DEFAULTS, name) for name in options.FIELD_NAMES},
         "choices": {"token_length": list(options.TOKEN_LENGTHS), "clip_mode": list(options.CLIP_MODES),

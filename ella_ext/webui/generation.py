@@ -36,7 +36,7 @@ from ..errors import ELLAError, InputError
 from ..options import ELLAOptions
 from ..pass_rows import PassTexts, assemble, has_controlnet_mark, row_timesteps
 from . import host, infotext, settings
-from .loading import LoadedModels, check_names, manager
+from .loading import LoadedModels, check_names, llm_mismatch, manager
 
 log = logging.getLogger("ella")
 
@@ -54,6 +54,8 @@ class Generation:
     marked: dict[tuple[bool, str], bool] = field(default_factory=dict)
     batch: int = 0
     failed: dict[int, str] = field(default_factory=dict)  # batch number -> why ELLA stopped in it
+    warnings: list[str] = field(default_factory=list)  # for every batch of the generation
+    batch_warnings: dict[int, list[str]] = field(default_factory=dict)  # batch number -> for that batch only
     calls: dict[int, int] = field(default_factory=dict)  # batch number -> calls ELLA conditioned
 
     def release(self) -> None:
@@ -75,7 +77,8 @@ class Generation:
         if error is None and batch_done and not conditioned and self.passes.get(False) is not None \
                 and not _interrupted():
             error = "ELLA was not called by this sampler; this batch uses CLIP"
-        infotext.write(self.params, self.options, conditioned=conditioned, error=error)
+        warnings = [*self.warnings, *self.batch_warnings.get(self.batch, [])]
+        infotext.write(self.params, self.options, conditioned=conditioned, error=error, warnings=warnings)
 
 
 def _interrupted() -> bool:
@@ -122,6 +125,10 @@ def start(p, args: Sequence[Any]) -> Generation | None:
             loaded.connector, loaded.encoder, max_length=options.fixed_length,
             cache_entries=int(settings.get("ella_tsc_cache")),
         )
+        other_llm = llm_mismatch(options.connector, loaded.connector_path, options.text_encoder)
+        if other_llm:
+            log.warning("%s", other_llm)
+            generation.warnings.append(other_llm)
     except ELLAError as err:
         manager.generation_finished(generation)
         _report(p, str(err))
@@ -163,6 +170,7 @@ def prepare_batch(p, batch_number: int) -> None:
         needs_llm = generation.conditioner.needs_llm(texts)  # else no LLM move (on Forge: no memory freed for it)
         with generation.loaded.encoding() if needs_llm else contextlib.nullcontext():
             generation.conditioner.prepare(texts)
+        generation.batch_warnings[batch_number] = _truncated(generation, texts)
     except Exception as err:
         fail(generation, err)
 
@@ -171,6 +179,21 @@ def _shared():
     from modules import shared
 
     return shared
+
+
+def _truncated(generation: Generation, texts: list[str]) -> list[str]:
+    """A warning when the LLM reads only the start of a text of this batch (past the fixed length, or past the
+    model's limit in flexible mode); also in the console."""
+    encoder = generation.loaded.encoder
+    limit = generation.options.fixed_length or encoder.token_limit
+    longest = max((encoder.count_tokens(text) for text in texts), default=0)
+    if longest <= limit:
+        return []
+    llm = infotext.model_name(generation.options.text_encoder)
+    mode = "the fixed token length" if generation.options.fixed_length else f"the limit of {llm}"
+    message = f"a prompt has {longest} LLM tokens, more than {mode} ({limit}): the LLM read only its first {limit}"
+    log.warning("ELLA: %s", message)
+    return [message]
 
 
 def _pass_texts(options: ELLAOptions, prompts, negatives, steps: int, hires_steps: int | None, use_old: bool):

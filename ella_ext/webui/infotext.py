@@ -30,7 +30,9 @@ KEY_NEGATIVE = "ELLA negative"
 KEY_PROMPT = "ELLA prompt"
 KEY_HIRES = "ELLA hires"
 KEY_ERROR = "ELLA error"
-KEYS = (KEY_CONNECTOR, KEY_TEXT_ENCODER, KEY_TOKENS, KEY_MODE, KEY_NEGATIVE, KEY_PROMPT, KEY_HIRES, KEY_ERROR)
+KEY_WARNING = "ELLA warning"  # ELLA ran, but something the user should know (a truncated prompt, another LLM)
+KEYS = (KEY_CONNECTOR, KEY_TEXT_ENCODER, KEY_TOKENS, KEY_MODE, KEY_NEGATIVE, KEY_PROMPT, KEY_HIRES, KEY_ERROR,
+        KEY_WARNING)
 
 # One key per control (the script's argument order); the derived ones exist only after ``paste_params``.
 PASTE_KEYS = {
@@ -75,10 +77,12 @@ def values(chosen: options.ELLAOptions) -> dict[str, str]:
 
 
 def write(params: MutableMapping[str, Any], chosen: options.ELLAOptions, *, conditioned: bool,
-          error: str | None) -> None:
-    """Set every ELLA key: the option entries if ELLA conditioned the batch (else none), and the error if any."""
+          error: str | None, warnings: list[str] | None = None) -> None:
+    """Set every ELLA key: the option entries and warnings if ELLA conditioned the batch (else none), and the error
+    if any."""
     for key, value in values(chosen).items():
         params[key] = value if conditioned else None
+    params[KEY_WARNING] = "; ".join(warnings) if conditioned and warnings else None
     params[KEY_ERROR] = error
 
 

@@ -24,12 +24,13 @@ import torch
 
 from .. import model_files
 from ..connector import Connector
-from ..connector_file import load_connector
-from ..errors import InputError
+from ..connector_file import META_LLM, load_connector, read_metadata
+from ..errors import ELLAError, InputError
 from ..model_files import ModelPaths
 from ..options import ELLAOptions
 from ..registry import ModelKey, registry
 from . import host, settings
+from .infotext import model_name as infotext_name
 
 log = logging.getLogger("ella")
 
@@ -73,19 +74,62 @@ def check_name(kind: str, name: str) -> None:
         )
 
 
-def describe_missing() -> str:
-    """A line for the UI when the official models are not on disk yet (empty when they are)."""
-    paths = model_paths()
-    entries = [*model_files.list_connectors(paths).values(), *model_files.list_text_encoders(paths).values()]
-    missing = [e for e in entries if e.official and not e.available]
-    if not missing:
+def connector_llm(path: Path) -> str:
+    """The LLM a connector file says it was trained with (its metadata, written by the trainer); "" if it does not
+    say (the official connector: flan-T5-XL's encoder) or cannot be read."""
+    try:
+        return read_metadata(path).get(META_LLM, "")
+    except ELLAError:
         return ""
-    names = " and ".join(e.name for e in missing)
-    if settings.get("ella_allow_download") and not model_files.is_offline():
-        return f"{names} will be downloaded to {paths.connectors} at the first generation (about 5 GB in all)."
-    encoder_folder = paths.text_encoders / model_files.OFFICIAL_TEXT_ENCODER
-    return (f"{names} missing: downloads are off. Get {model_files.official_connector_url()} into {paths.connectors} "
-            f"and google/flan-t5-xl's text_encoder folder into {encoder_folder}.")
+
+
+def _llm_key(name: str) -> str:
+    """One spelling for an LLM named by folder, path, hub id or the hub cache's folder name: its last part."""
+    text = name.strip().replace("\\", "/").lower()
+    if text.startswith("models--"):  # a hub-cache style folder: models--owner--name[--subfolder]
+        text = text.removeprefix("models--").removesuffix("--text_encoder").replace("--", "/")
+    return text.rstrip("/").rsplit("/", 1)[-1]
+
+
+def llm_mismatch(connector: str, connector_path: Path, text_encoder: str) -> str:
+    """A warning when the connector names the LLM it was trained with and another one was chosen; "" otherwise."""
+    trained = connector_llm(connector_path)
+    if not trained or _llm_key(trained) == _llm_key(text_encoder):
+        return ""
+    return (f"the connector {infotext_name(connector)} was trained with the LLM {trained}, not "
+            f"{infotext_name(text_encoder)}: pick that LLM for the images it was trained to make")
+
+
+def describe_choice(connector: str, text_encoder: str) -> str:
+    """A line for the accordion about the chosen models: what they still need (a download, a file to put somewhere,
+    a fix) and which LLM the connector was trained with when another one is chosen; "" when they are ready."""
+    paths = model_paths()
+    downloads = bool(settings.get("ella_allow_download")) and not model_files.is_offline()
+    lines = []
+    entry = model_files.list_connectors(paths).get(connector)
+    if entry is None:
+        lines.append(f"The connector {connector!r} is not in {paths.connectors}.")
+    elif not entry.available and downloads:
+        lines.append(f"The connector {entry.name} (134 MB) will be downloaded to {paths.connectors} at the first "
+                     "generation.")
+    elif not entry.available:
+        lines.append(f"The connector {entry.name} is missing and downloads are off: download "
+                     f"{model_files.official_connector_url()} into {paths.connectors}.")
+    elif (mismatch := llm_mismatch(connector, entry.path, text_encoder)):
+        lines.append(mismatch[0].upper() + mismatch[1:] + ".")
+    encoder = model_files.list_text_encoders(paths).get(text_encoder)
+    if encoder is None:
+        lines.append(f"The LLM {text_encoder!r} is not in {paths.text_encoders}.")
+    elif encoder.problem:
+        lines.append(f"The LLM {encoder.name} cannot be used: {encoder.problem}")
+    elif not encoder.available and downloads:
+        lines.append(f"The LLM {encoder.name} (flan-T5-XL's encoder, about 3 GB) will be downloaded to "
+                     f"{paths.text_encoders} at the first generation.")
+    elif not encoder.available:
+        lines.append(f"The LLM {encoder.name} is missing and downloads are off: download the files of "
+                     f"{model_files.official_text_encoder_url()} (config.json, model.safetensors and the tokenizer "
+                     f"files) into {paths.text_encoders / encoder.name}.")
+    return " ".join(lines)
 
 
 @dataclass
@@ -96,6 +140,7 @@ class LoadedModels:
     encoder_key: ModelKey
     llm_device: torch.device
     offload: bool
+    connector_path: Path
 
     @contextlib.contextmanager
     def encoding(self) -> Iterator[object]:
@@ -160,7 +205,7 @@ class ModelManager:
             return load_text_encoder(encoder_path, CPU, llm_dtype, cache=cache)  # encoding() moves it
 
         encoder = registry.get(encoder_key, load_encoder)
-        return LoadedModels(connector, encoder, connector_key, encoder_key, llm_device, offload)
+        return LoadedModels(connector, encoder, connector_key, encoder_key, llm_device, offload, connector_path)
 
     # -- the generations in progress, and unloading -------------------------------------------------------------------
     # The host runs one job at a time (its queue lock); a job can hold several generations, one after another (the

@@ -62,8 +62,10 @@ def build(script, is_img2img: bool) -> list[Any]:
         with gr.Row():
             hires = gr.Checkbox(label="Apply in the hires pass", value=defaults.hires, elem_id=elem("hires"))
             unload = gr.Button("Unload ELLA models", elem_id=elem("unload"))
-        status = gr.HTML(_status_html(), elem_id=elem("status"))
+        status = gr.HTML(_status_html(connector.value, text_encoder.value), elem_id=elem("status"))
         unload.click(fn=_unload, inputs=[], outputs=[status])
+        for choice in (connector, text_encoder):
+            choice.change(fn=_status_html, inputs=[connector, text_encoder], outputs=[status], show_progress="hidden")
 
     controls = [enabled, connector, text_encoder, token_length, max_length, clip_mode, negative, llm_prompt, hires]
     script.infotext_fields = [(control, infotext.PASTE_KEYS[name]) for name, control in zip(CONTROL_NAMES, controls)]
@@ -118,10 +120,11 @@ class _PlainAccordion:
         return self.accordion.__exit__(*exc)
 
 
-def _status_html() -> str:
+def _status_html(connector: str, text_encoder: str) -> str:
+    """What the chosen models still need, or nothing when they are ready."""
     try:
-        line = loading.describe_missing()
-    except Exception as err:
+        line = loading.describe_choice(connector or "", text_encoder or "")
+    except Exception as err:  # an unreadable models folder must not break the UI
         line = f"Cannot read the ELLA models folder: {err}"
     return f"<p class='ella-status'>{_escape(line)}</p>" if line else ""
 

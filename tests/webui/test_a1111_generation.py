@@ -159,6 +159,31 @@ def test_hires_pass_uses_its_own_prompts_sampler_and_timesteps(host):
     assert f"ELLA: {CONNECTOR}" in processed.infotexts[0] and "ELLA hires" not in processed.infotexts[0]
 
 
+def test_hires_schedule_counts_the_first_pass_total_steps(host):
+    """prompt_parser.py: a whole-number switch point in the hires prompt is offset by the first pass's *total*
+    steps (the sampler's total_steps: x2 for Heun), not by p.steps: [ball:box:5] after a 3-step Heun pass (6
+    schedule steps) is 5 - 6 < 0, so the hires pass reads "box" throughout (5 - 3 would keep "ball")."""
+    p, _ = host.run("a cube", steps=3, sampler_name="Heun", enable_hr=True, hr_prompt="a [ball:box:5]",
+                    hr_second_pass_steps=2, hr_sampler_name="Heun")
+    first = len(p.denoisers[0].inner_calls)
+    hires = [texts[0] for texts, _, _ in host.recorded.calls[first:]]
+    assert first == 5 and len(hires) >= 2 and set(hires) == {"a box"}
+
+
+@pytest.mark.parametrize(("old", "expected"), [(True, ["a cat", "a cat", "a dog", "a dog"]), (False, ["a cat"] * 4)])
+def test_the_hosts_old_scheduling_option_is_followed(host, old, expected):
+    """Settings > Compatibility > use_old_scheduling: [cat:dog:1.0] switches after step 1 (old: 1.0 is not a
+    fraction) or at the end (new: 1.0 of the steps)."""
+    from modules import shared
+
+    shared.opts.use_old_scheduling = old
+    try:
+        host.run("a [cat:dog:1.0]", steps=4)
+    finally:
+        shared.opts.use_old_scheduling = False
+    assert [texts[0] for texts in texts_per_call(host)] == expected
+
+
 def test_hires_pass_off(host):
     p, processed = host.run("a cube", steps=2, enable_hr=True, hr_second_pass_steps=2,
                             args=ella_args(hires=False))

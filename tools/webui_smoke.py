@@ -4,8 +4,9 @@
 
 Runs txt2img (ELLA off and on, named and positional arguments, hires fix, DDIM, Heun, CFG 1, a batch with AND and
 prompt editing), img2img, a rejected argument, a missing connector and the token counter, and prints PASS/FAIL per
-check. The WebUI must have been started with --api, the models must be in its models/ELLA folder, and the LoRA (if
-given) in models/Lora. With --forge, requests carry the fields Forge new's API needs for hires fix
+check. The WebUI must have been started with --api; the models must be in its models/ELLA folder
+(``python tools/make_tiny_models.py <webui>/models`` makes the default ones, tiny-sd15 and tiny-t5), and the LoRA, if
+given, in models/Lora. With --forge, requests carry the fields Forge new's API needs for hires fix
 (``hr_additional_modules``, ``hr_cfg``). Exit status 1 if a check failed.
 """
 
@@ -25,7 +26,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--url", default="http://127.0.0.1:7860")
 parser.add_argument("--connector", default="tiny-sd15")
 parser.add_argument("--text-encoder", default="tiny-t5")
-parser.add_argument("--lora", default="testlora")
+parser.add_argument("--lora", default="", help="a LoRA in models/Lora to check ELLA with (default: none)")
 parser.add_argument("--forge", action="store_true", help="the WebUI is Forge new: send its hires fields")
 cli = parser.parse_args()
 URL = cli.url.rstrip("/")
@@ -91,11 +92,15 @@ s7, r7, i7 = gen("img2img, ELLA on", [ELLA], path="/sdapi/v1/img2img", init_imag
 check("img2img with ELLA", s7 == 200 and f"ELLA: {cli.connector}" in i7 and "ELLA error" not in i7)
 s8, r8, i8 = gen("bad named field", [{"enabled": True, "clip": "yes"}])
 check("unknown field -> 422 with the allowed fields", s8 == 422 and "unknown field 'clip'" in json.dumps(r8))
-s9, r9, i9 = gen("missing connector", [{**ELLA, "connector": "not-there"}])
-check("missing connector: image made, ELLA error in info text", s9 == 200 and "ELLA error" in i9 and "not-there" in i9)
+s9, r9, i9 = gen("unlisted connector", [{**ELLA, "connector": "not-there"}])
+check("unlisted connector -> 422 with the listed names", s9 == 422 and "not one of the listed models" in json.dumps(r9) and cli.connector in json.dumps(r9))
+s12, r12, i12 = gen("a path as connector", [{**ELLA, "connector": "/etc/passwd"}])
+check("a path as connector -> 422, the same answer", s12 == 422 and "not one of the listed models" in json.dumps(r12))
 s10, r10 = call("/ella/v1/tokens", {"text": "a red cube on a blue sphere", "text_encoder": cli.text_encoder})
 check("token counter endpoint", s10 == 200 and isinstance(r10.get("tokens"), int) and r10["tokens"] > 3)
 print(json.dumps(r10))
+s13, r13 = call("/ella/v1/tokens", {"text": 5, "text_encoder": cli.text_encoder})
+check("token counter: bad input -> 422 {error, detail}", s13 == 422 and r13.get("error") == "ELLAArgumentError" and "detail" in r13)
 print("\nSUMMARY:", sum(ok for _, ok in results), "of", len(results), "passed")
 for name, ok in results:
     print(("  PASS " if ok else "  FAIL ") + name)

@@ -99,19 +99,20 @@ def test_registry_concurrent_get_loads_once(tmp_path):
     def slow_loader():
         calls.append(1)
         started.set()
-        release.wait(5)
+        release.wait(60)  # the limits only end a hang: a loaded machine may take seconds to schedule a thread
         return Movable()
 
     results = []
     threads = [threading.Thread(target=lambda: results.append(registry.get(key, slow_loader))) for _ in range(4)]
     for thread in threads:
         thread.start()
-    assert started.wait(5)
+    assert started.wait(60)
     other = registry.get(ModelKey.of("connector", tmp_path / "c", None), Movable)  # other keys are not blocked
     assert isinstance(other, Movable)
     release.set()
     for thread in threads:
-        thread.join(5)
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
     assert len(calls) == 1 and len(results) == 4 and all(result is results[0] for result in results)
 
 

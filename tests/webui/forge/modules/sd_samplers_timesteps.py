@@ -28,4 +28,4 @@ class CFGDenoiserTimesteps(base.CFGDenoiserTimesteps):
 
 
 class CompVisSampler(base.CompVisSampler):
-    denoiser_class = CFGDenoiserTimesteps
+    denoiser_class = CFGDenoiserTimesteps  # double-only: see the A1111 double's CompVisSampler

@@ -49,11 +49,11 @@ def conditioning_row(sd_model, text, sign=0.0):  # double-only: one prompt's con
     return crossattn
 
 
-def create_sampler(name, sd_model):  # host: modules/sd_samplers.py
+def create_sampler(name, model):  # host: modules/sd_samplers.py
     config = sd_samplers.find_sampler_config(name)
     if config.family == "timesteps":
-        return CompVisSampler(config, sd_model)
-    return KDiffusionSampler(config, sd_model)
+        return CompVisSampler(config, model)
+    return KDiffusionSampler(config, model)
 
 
 class Processed:

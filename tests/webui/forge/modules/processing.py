@@ -48,11 +48,11 @@ class Processed(base.Processed):
         return json.dumps({"extra_generation_params": self.extra_generation_params, "infotexts": self.infotexts})
 
 
-def create_sampler(name, sd_model):  # host: modules/sd_samplers.py
+def create_sampler(name, model):  # host: modules/sd_samplers.py
     config = sd_samplers.find_sampler_config(name)
     if config.family == "timesteps":
-        return CompVisSampler(config, sd_model)
-    return KDiffusionSampler(config, sd_model)
+        return CompVisSampler(config, model)
+    return KDiffusionSampler(config, model)
 
 
 class StableDiffusionProcessing(base.StableDiffusionProcessing):

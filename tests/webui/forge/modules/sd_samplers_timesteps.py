@@ -11,7 +11,7 @@ base = a1111_module("sd_samplers_timesteps")
 
 
 class CompVisTimestepsDenoiser:
-    def __init__(self, model):
+    def __init__(self, model, *args, **kwargs):  # as the host's (classic line 27, new line 28)
         self.inner_model = model
 
 

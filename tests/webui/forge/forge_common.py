@@ -22,8 +22,8 @@ generation doubles; each generation's package puts these at its own import paths
   counts are equal (Forge also joins some unequal ones by repeating tokens: that changes no row the tests read).
 - ``sampling_prepare(unet, x)`` (classic ``modules_forge/forge_sampler.py``, new ``sampling_function.py``) loads the
   UNet keeping ``unet.extra_preserved_memory_during_sampling`` free: the double records what it was asked to keep.
-- The memory manager: ``free_memory(memory_required, device, keep_loaded=[])``, ``minimum_inference_memory()``,
-  ``vram_state``; the double records the calls.
+- The memory manager: ``free_memory(memory_required, device, keep_loaded=[])`` (new adds ``free_all=False``),
+  ``minimum_inference_memory()``, ``vram_state``; the double records the calls.
 
 Each definition names the host files it imitates in a ``# host:`` comment (``tools/check_doubles.py`` compares them).
 """
@@ -70,14 +70,6 @@ class MemoryManager:  # double-only: the recorder; each generation's memory modu
     @staticmethod
     def soft_empty_cache(force=False):
         pass
-
-
-def memory_manager_module(namespace: dict) -> None:  # double-only: fills a generation's memory module
-    """Fill a generation's memory-manager module (its ``globals()``) with one recorder's functions and state."""
-    manager = MemoryManager()
-    namespace.update(freed=manager.freed, prepared=[], vram_state=VRAMState.NORMAL_VRAM,
-                     free_memory=manager.free_memory, minimum_inference_memory=manager.minimum_inference_memory,
-                     get_torch_device=manager.get_torch_device, soft_empty_cache=manager.soft_empty_cache)
 
 
 # host: forge-classic=ldm_patched/modules/model_sampling.py:ModelSamplingDiscrete

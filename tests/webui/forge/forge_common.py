@@ -103,7 +103,8 @@ class UnetModel:
         setattr(self, "predictor" if new else "model_sampling", schedule)
         self.schedule = schedule
 
-    def apply_model(self, x, t, **c):
+    # the host's parameters (classic model_base.py line 67, new k_model.py line 25)
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
         return self.schedule.timestep(t).float()
 
 
@@ -152,7 +153,8 @@ class ControlNet:
     def __init__(self):  # double-simplified: no control model (the double records what it is asked to control)
         self.seen = []  # the c_crossattn of each chunk it was asked to control
 
-    def get_control(self, x, timestep, cond, batched_number):
+    # the host's parameter names (classic controlnet.py line 227, new controlnet.py line 292)
+    def get_control(self, x_noisy, t, cond, batched_number):
         self.seen.append(cond["c_crossattn"])
         return {"output": []}
 

@@ -1038,10 +1038,10 @@ def main(argv=None) -> int:
         host_roots[key] = roots
     if not host_roots:
         parser.print_usage(sys.stderr)
-        print("check_doubles.py: give the host trees to compare with, e.g.\n"
-              "  python tools/check_doubles.py --a1111 /path/to/stable-diffusion-webui (at 82a973c0) \\\n"
-              "      --forge-classic /path/to/stable-diffusion-webui-forge (at bfee03d8) \\\n"
-              "      --forge-new /path/to/stable-diffusion-webui-forge (at dfdcbab6)", file=sys.stderr)
+        print("check_doubles.py: give the WebUI folders to compare with, at the pinned commits: --a1111 (A1111 "
+              "82a973c0),\n--forge-classic (Forge bfee03d8), --forge-new (Forge dfdcbab6); any of them, e.g.\n"
+              "  python tools/check_doubles.py --a1111 PATH/a1111 --forge-classic PATH/forge-classic "
+              "--forge-new PATH/forge-new", file=sys.stderr)
         return 2
     results, stale = run(host_roots)
     print(as_json(results, stale, host_roots) if args.json else report(results, stale, host_roots))

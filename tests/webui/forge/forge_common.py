@@ -22,8 +22,10 @@ generation doubles; each generation's package puts these at its own import paths
   counts are equal (Forge also joins some unequal ones by repeating tokens: that changes no row the tests read).
 - ``sampling_prepare(unet, x)`` (classic ``modules_forge/forge_sampler.py``, new ``sampling_function.py``) loads the
   UNet keeping ``unet.extra_preserved_memory_during_sampling`` free: the double records what it was asked to keep.
-- The memory manager: ``free_memory(memory_required, device, keep_loaded=[])``, ``minimum_inference_memory()``,
-  ``vram_state``; the double records the calls.
+- The memory manager: ``free_memory(memory_required, device, keep_loaded=[])`` (new adds ``free_all=False``),
+  ``minimum_inference_memory()``, ``vram_state``; the double records the calls.
+
+Each definition names the host files it imitates in a ``# host:`` comment (``tools/check_doubles.py`` compares them).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 
+# host: forge-classic=ldm_patched/modules/model_management.py, forge-new=backend/memory_management.py
 class VRAMState(enum.Enum):
     DISABLED = 0
     NO_VRAM = 1
@@ -45,7 +48,7 @@ class VRAMState(enum.Enum):
     SHARED = 5
 
 
-class MemoryManager:
+class MemoryManager:  # double-only: the recorder; each generation's memory module exposes its methods
     """The functions of Forge's memory manager the extension calls, recording their calls. Each generation's module
     exposes one instance's methods at module level, with ``vram_state`` and ``prepared`` (the memory each
     ``sampling_prepare`` was asked to keep free)."""
@@ -69,15 +72,10 @@ class MemoryManager:
         pass
 
 
-def memory_manager_module(namespace: dict) -> None:
-    """Fill a generation's memory-manager module (its ``globals()``) with one recorder's functions and state."""
-    manager = MemoryManager()
-    namespace.update(freed=manager.freed, prepared=[], vram_state=VRAMState.NORMAL_VRAM,
-                     free_memory=manager.free_memory, minimum_inference_memory=manager.minimum_inference_memory,
-                     get_torch_device=manager.get_torch_device, soft_empty_cache=manager.soft_empty_cache)
-
-
+# host: forge-classic=ldm_patched/modules/model_sampling.py:ModelSamplingDiscrete
+# host: forge-new=backend/modules/k_prediction.py:Prediction
 class DiscreteSchedule(torch.nn.Module):
+    # double-simplified: built from the checkpoint's alphas_cumprod (the host's from its config / beta schedule)
     def __init__(self, alphas_cumprod):
         super().__init__()
         sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
@@ -94,21 +92,25 @@ class DiscreteSchedule(torch.nn.Module):
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp().to(timestep.device)
 
 
+# host: forge-classic=ldm_patched/modules/model_base.py:BaseModel, forge-new=backend/modules/k_model.py:KModel
 class UnetModel:
     """Classic's ``BaseModel`` (``model_sampling``) or new's ``KModel`` (``predictor``). ``apply_model`` records
     the timestep the UNet is fed and the context it gets, instead of running a UNet."""
 
+    # double-simplified: the schedule and the generation (which attribute holds it) instead of a model config
     def __init__(self, alphas_cumprod, new: bool):
         schedule = DiscreteSchedule(alphas_cumprod)
         setattr(self, "predictor" if new else "model_sampling", schedule)
         self.schedule = schedule
 
-    def apply_model(self, x, t, **c):
+    # the host's parameters (classic model_base.py line 67, new k_model.py line 25)
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
         return self.schedule.timestep(t).float()
 
 
+# host: forge-classic=modules_forge/unet_patcher.py, forge-new=backend/patcher/unet.py
 class UnetPatcher:
-    def __init__(self, model):
+    def __init__(self, model):  # double-simplified: no devices or size (the host's ModelPatcher.__init__ takes them)
         self.model = model
         self.model_options = {"transformer_options": {}}
         self.controlnet_linked_list = None
@@ -129,6 +131,8 @@ class UnetPatcher:
         self.extra_preserved_memory_during_sampling += memory_in_bytes
 
 
+# host: forge-classic=modules_forge/forge_loader.py:ForgeSD, forge-new=backend/diffusion_engine/base.py
+# double-simplified: clip, vae and clipvision default to None (the tests build a UNet only)
 @dataclass
 class ForgeObjects:
     unet: object
@@ -140,21 +144,23 @@ class ForgeObjects:
         return ForgeObjects(self.unet, self.clip, self.vae, self.clipvision)
 
 
+# host: forge-classic=ldm_patched/modules/controlnet.py, forge-new=backend/patcher/controlnet.py
 class ControlNet:
     """Forge's ControlNet as the sampling function drives it: ``get_control`` reads the chunk's ``c_crossattn``."""
 
     previous_controlnet = None
 
-    def __init__(self):
+    def __init__(self):  # double-simplified: no control model (the double records what it is asked to control)
         self.seen = []  # the c_crossattn of each chunk it was asked to control
 
-    def get_control(self, x, timestep, cond, batched_number):
+    # the host's parameter names (classic controlnet.py line 227, new controlnet.py line 292)
+    def get_control(self, x_noisy, t, cond, batched_number):
         self.seen.append(cond["c_crossattn"])
         return {"output": []}
 
 
 @dataclass
-class ModelCall:
+class ModelCall:  # double-only: what the tests read of each UNet call
     """One chunk the UNet ran: which rows (0 = cond, 1 = uncond), the sigmas it got and the timesteps it fed the
     UNet, its context, and what ControlNet read."""
 
@@ -166,6 +172,8 @@ class ModelCall:
     control_saw: torch.Tensor | None
 
 
+# host: forge-classic=modules_forge/forge_sampler.py:cond_from_a1111_to_patched_ldm
+# host: forge-new=backend/sampling/condition.py
 def compile_conditions(cond):
     if cond is None:
         return None
@@ -175,6 +183,8 @@ def compile_conditions(cond):
              "model_conds": {"c_crossattn": cond["crossattn"], "y": cond["vector"]}}]
 
 
+# host: forge-classic=modules_forge/forge_sampler.py:cond_from_a1111_to_patched_ldm_weighted
+# host: forge-new=backend/sampling/condition.py
 def compile_weighted_conditions(cond, weights):
     results = []
     for cond_pre in map(list, zip(*weights)):
@@ -186,6 +196,9 @@ def compile_weighted_conditions(cond, weights):
     return results
 
 
+# host: forge-classic=ldm_patched/modules/samplers.py
+# host: forge-new=backend/sampling/sampling_function.py:sampling_function_inner
+# double-simplified: the UNet patcher (the host: its model and model_options) and a list to record the calls in
 def sampling_function(unet, x, timestep, uncond, cond, cond_scale, calls):
     """``sampling_function`` + ``calc_cond_uncond_batch``; appends this denoiser call's chunks to ``calls``."""
     chunks = []
@@ -215,5 +228,7 @@ def sampling_function(unet, x, timestep, uncond, cond, cond_scale, calls):
     return x
 
 
+# host: forge-classic=modules_forge/forge_sampler.py, forge-new=backend/sampling/sampling_function.py
+# double-simplified: records in the memory module given (the host: sampling_prepare(unet, x) loads the models)
 def sampling_prepare(manager, unet):
     manager.prepared.append((unet, unet.extra_preserved_memory_during_sampling))

@@ -5,7 +5,7 @@ import torch
 device = torch.device("cpu")
 cpu = torch.device("cpu")
 dtype_unet = torch.float16
-gc_calls = 0
+gc_calls = 0  # double-only: counts torch_gc() calls for the tests
 
 
 def torch_gc():

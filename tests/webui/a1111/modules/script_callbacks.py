@@ -6,7 +6,7 @@ import traceback
 from collections import defaultdict
 
 callback_map = defaultdict(list)
-reported = []  # (category, exception text) for each exception a callback raised
+reported = []  # double-only: (category, exception text) for each exception a callback raised (host: printed)
 
 
 class CFGDenoiserParams:

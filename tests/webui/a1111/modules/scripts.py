@@ -8,7 +8,7 @@ from collections import namedtuple
 AlwaysVisible = object()
 scripts_data = []
 ScriptClassData = namedtuple("ScriptClassData", ["script_class", "path", "basedir", "module"])
-reported = []
+reported = []  # double-only: (hook, exception text) for each exception a script raised (host: printed)
 
 
 class Script:
@@ -69,13 +69,13 @@ class Script:
 class ScriptRunner:
     """One always-on script; ``call("process", p)`` is the host's ``script.process(p, *p.script_args[a:b])``."""
 
-    def __init__(self, script, args_from=1):
+    def __init__(self, script, args_from=1):  # double-simplified: runs one given script (the host's loads them all)
         self.script = script
         script.alwayson = True
         script.args_from = args_from
         self.calls = []
 
-    def call(self, hook, p, *extra, **kwargs):
+    def call(self, hook, p, *extra, **kwargs):  # double-only: the host has one method per hook (process, ...)
         self.calls.append(hook)
         script = self.script
         args = p.script_args[script.args_from:script.args_to]

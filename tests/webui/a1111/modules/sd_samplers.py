@@ -4,10 +4,12 @@ and ``SamplerData.total_steps`` (doubled for samplers whose options say ``second
 from dataclasses import dataclass, field
 
 
+# double-simplified: the host's is a namedtuple (name, constructor, aliases, options); the double builds a sampler
+# from its family instead of calling a constructor, and needs no aliases
 @dataclass
 class SamplerData:
     name: str
-    family: str  # "k-diffusion" or "timesteps": which sampler class the host builds (sd_samplers_kdiffusion/_timesteps)
+    family: str  # double-only: "k-diffusion" or "timesteps", which sampler class create_sampler builds
     options: dict = field(default_factory=dict)
 
     def total_steps(self, steps):

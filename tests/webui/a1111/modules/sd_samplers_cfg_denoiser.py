@@ -16,7 +16,7 @@ from modules import prompt_parser
 from modules.script_callbacks import CFGDenoiserParams, cfg_denoiser_callback
 
 
-class State:
+class State:  # host: modules/shared_state.py
     sampling_step = 0
     sampling_steps = 0
 

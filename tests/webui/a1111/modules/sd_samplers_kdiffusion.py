@@ -17,7 +17,7 @@ import torch
 from modules import shared
 from modules.sd_samplers_cfg_denoiser import CFGDenoiser, state
 
-k_external = None  # the real k_diffusion.external module, set by the tests
+k_external = None  # double-only: the real k_diffusion.external module, set by the tests
 
 
 class CFGDenoiserKDiffusion(CFGDenoiser):
@@ -28,7 +28,7 @@ class CFGDenoiserKDiffusion(CFGDenoiser):
         return self.model_wrap
 
 
-def setup_img2img_steps(p, steps=None):
+def setup_img2img_steps(p, steps=None):  # host: modules/sd_samplers_common.py
     """``sd_samplers_common.setup_img2img_steps``: an explicit ``steps`` (the hires pass) or ``img2img_fix_steps``
     stretches the schedule so that exactly ``steps - 1`` + 1 of it are sampled; otherwise ``denoising * steps``."""
     if shared.opts.img2img_fix_steps or steps is not None:
@@ -39,8 +39,10 @@ def setup_img2img_steps(p, steps=None):
 
 
 class KDiffusionSampler:
-    denoiser_class = CFGDenoiserKDiffusion  # the host builds this class here; a Forge double puts its own
+    # double-only: the host builds this class in __init__; a Forge double puts its own here
+    denoiser_class = CFGDenoiserKDiffusion
 
+    # double-simplified: takes the SamplerData, where the host takes its funcname and options
     def __init__(self, config, sd_model):
         self.config = config
         self.model_wrap_cfg = self.denoiser_class(self)

@@ -16,8 +16,10 @@ class CFGDenoiserTimesteps(CFGDenoiser):
 
 
 class CompVisSampler:
-    denoiser_class = CFGDenoiserTimesteps  # the host builds this class here; a Forge double puts its own
+    # double-only: the host builds this class in __init__; a Forge double puts its own here
+    denoiser_class = CFGDenoiserTimesteps
 
+    # double-simplified: takes the SamplerData, where the host takes its funcname
     def __init__(self, config, sd_model):
         self.config = config
         self.model_wrap_cfg = self.denoiser_class(self)

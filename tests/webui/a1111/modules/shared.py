@@ -22,7 +22,7 @@ class OptionInfo:
 
 
 class Options:
-    def __init__(self):
+    def __init__(self):  # double-simplified: no option labels or restricted options to start from
         super().__setattr__("data", {})
         super().__setattr__("data_labels", {})
 
@@ -49,7 +49,7 @@ opts.data.update(use_old_scheduling=False, enable_quantization=False, skip_early
 
 # modules/cmd_args.py: --api-auth "user:password[,user2:password2]" (None when not given)
 cmd_opts = SimpleNamespace(lowvram=False, medvram=False, medvram_sdxl=False, api_auth=None)
-class State:
+class State:  # host: modules/shared_state.py
     """modules/shared_state.py State: Interrupt / Skip set ``interrupted`` / ``skipped``; ``begin(job)`` (which
     clears them) and ``end()`` frame every job: modules/call_queue.py wrap_gradio_gpu_call for the UI,
     modules/api/api.py text2imgapi / img2imgapi for the API."""

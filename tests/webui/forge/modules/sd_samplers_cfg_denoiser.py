@@ -21,7 +21,8 @@ from modules.script_callbacks import CFGDenoiserParams, cfg_denoiser_callback
 
 base = a1111_module("sd_samplers_cfg_denoiser")
 state = base.state
-NEW = importlib.util.find_spec("backend") is not None  # the new generation's double provides ``backend``
+# double-only: which generation this is (the new generation's double provides ``backend``)
+NEW = importlib.util.find_spec("backend") is not None
 
 
 def _composition(cond):

@@ -11,7 +11,7 @@ base = a1111_module("sd_samplers_timesteps")
 
 
 class CompVisTimestepsDenoiser:
-    def __init__(self, model):
+    def __init__(self, model, *args, **kwargs):  # as the host's (classic line 27, new line 28)
         self.inner_model = model
 
 
@@ -28,4 +28,4 @@ class CFGDenoiserTimesteps(base.CFGDenoiserTimesteps):
 
 
 class CompVisSampler(base.CompVisSampler):
-    denoiser_class = CFGDenoiserTimesteps
+    denoiser_class = CFGDenoiserTimesteps  # double-only: see the A1111 double's CompVisSampler

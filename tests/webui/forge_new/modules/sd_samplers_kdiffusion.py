@@ -12,7 +12,7 @@ base = a1111_module("sd_samplers_kdiffusion")
 setup_img2img_steps = base.setup_img2img_steps
 
 
-class ForgeScheduleLinker:
+class ForgeScheduleLinker:  # host: k_diffusion/external.py
     def __init__(self, predictor):
         self.predictor = predictor
 
@@ -37,4 +37,4 @@ class CFGDenoiserKDiffusion(base.CFGDenoiserKDiffusion):
 
 
 class KDiffusionSampler(base.KDiffusionSampler):
-    denoiser_class = CFGDenoiserKDiffusion
+    denoiser_class = CFGDenoiserKDiffusion  # double-only: see the A1111 double's KDiffusionSampler

@@ -3,13 +3,16 @@
 ``process_images_inner``: ``scripts.process`` once; per batch ``n``: ``p.iteration = n``, ``p.prompts`` /
 ``p.negative_prompts`` sliced from ``all_prompts``, ``before_process_batch`` (tags still in the prompts),
 ``parse_extra_network_prompts`` (tags removed; for hires fix also from ``hr_prompts``), ``process_batch``,
-``setup_conds``, ``process_before_every_sampling``, the sampler, then for txt2img with hires fix ``sample_hr_pass``:
-``is_hr_pass = True``, ``save_intermediate`` per image (``create_infotext`` for an image saved before hires fix,
-when that setting is on; the double always makes it), a new sampler (``hr_sampler_name`` or the first pass's), the
-hires conds, ``before_hr``, ``process_before_every_sampling`` again, ``sample_img2img(steps=hr_second_pass_steps or
-steps)``, ``is_hr_pass = False``; then ``postprocess_batch`` and ``create_infotext`` per image; at the end
-``scripts.postprocess``, and the API or the UI answers with ``Processed.js()`` (JSON; a value it cannot hold
-becomes null).
+``setup_conds``, then ``p.sample``: txt2img creates its sampler (``p.sampler = create_sampler(...)``) and draws
+``x = p.rng.next()`` before ``process_before_every_sampling``, img2img created its sampler once in ``init()`` (before
+the batches) and samples from ``init_latent`` with ``p.rng.next()`` as noise; then for txt2img with hires fix
+``sample_hr_pass``: ``is_hr_pass = True``, ``save_intermediate`` per image (``create_infotext`` for an image saved
+before hires fix, when that setting is on; the double always makes it), a new sampler in ``p.sampler``
+(``hr_sampler_name`` or the first pass's), the hires conds, ``before_hr``, ``process_before_every_sampling`` again,
+``sample_img2img(steps=hr_second_pass_steps or steps)``, ``p.sampler = None``, ``is_hr_pass = False``; then
+``postprocess_batch`` and ``create_infotext`` per image; at the end ``scripts.postprocess``, and the API or the UI
+answers with ``Processed.js()`` (JSON; a value it cannot hold becomes null). ``p.rng`` (``rng.ImageRNG``, one per
+batch) is a seeded stand-in here.
 ``create_infotext``: a list value is indexed by the image, a callable gets the function's locals (``p``, ``index``).
 
 The double's "CLIP" gives each text a fixed pseudo-random ``[77 * k, C]`` tensor (``k`` = 75-token chunks, one per 75
@@ -24,8 +27,6 @@ import zlib
 import torch
 
 from modules import sd_samplers, shared
-from modules.sd_samplers_kdiffusion import KDiffusionSampler
-from modules.sd_samplers_timesteps import CompVisSampler
 
 re_extra_net = re.compile(r"<(\w+):([^>]+)>")  # extra_networks.py
 re_AND = re.compile(r"\bAND\b")  # prompt_parser.py
@@ -49,11 +50,18 @@ def conditioning_row(sd_model, text, sign=0.0):
     return crossattn
 
 
-def create_sampler(name, sd_model):
-    config = sd_samplers.find_sampler_config(name)
-    if config.family == "timesteps":
-        return CompVisSampler(config, sd_model)
-    return KDiffusionSampler(config, sd_model)
+class ImageRNG:
+    """Stands in for ``modules/rng.py`` ``ImageRNG``: ``next()`` gives the next noise for the batch's images."""
+
+    def __init__(self, shape, seeds):
+        self.shape = shape
+        self.generator = torch.Generator().manual_seed(int(seeds[0]) if seeds else 0)
+
+    def next(self):
+        return torch.randn(self.shape, generator=self.generator)
+
+
+LATENT = (4, 8, 8)  # the double's latent shape per image
 
 
 class Processed:
@@ -73,7 +81,8 @@ class StableDiffusionProcessing:
 
     def __init__(self, prompt, negative_prompt="", *, batch_size=1, n_iter=1, steps=4, sampler_name="Euler",
                  cfg_scale=7.0, script_args=(), enable_hr=False, hr_second_pass_steps=0, hr_prompt="",
-                 hr_negative_prompt="", hr_sampler_name=None, denoising_strength=0.5, controlnet=False):
+                 hr_negative_prompt="", hr_sampler_name=None, denoising_strength=0.5, controlnet=False, seed=1,
+                 scheduler="Automatic", hr_scheduler=None):
         self.prompt = prompt
         self.negative_prompt = negative_prompt
         self.batch_size = batch_size
@@ -89,6 +98,12 @@ class StableDiffusionProcessing:
         self.hr_sampler_name = hr_sampler_name
         self.denoising_strength = denoising_strength
         self.controlnet = controlnet
+        self.scheduler = scheduler
+        self.hr_scheduler = hr_scheduler
+        self.eta = None
+        self.sampler = None
+        self.rng = None
+        self.seeds = [seed + i for i in range(batch_size)]
         self.sd_model = shared.sd_model
         self.extra_generation_params = {}
         self.is_hr_pass = False
@@ -145,31 +160,41 @@ def process_images(p, runner):
     runner.call("process", p)
     infotexts = []
     size = p.batch_size
+    if p.is_img2img:  # StableDiffusionProcessingImg2Img.init: one sampler for every batch
+        p.sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
+        p.init_latent = torch.zeros(size, *LATENT)
     for n in range(p.n_iter):
         p.iteration = n
         p.prompts = p.all_prompts[n * size:(n + 1) * size]
         p.negative_prompts = p.all_negative_prompts[n * size:(n + 1) * size]
+        p.rng = ImageRNG((size, *LATENT), p.seeds)
         runner.call("before_process_batch", p, batch_number=n, prompts=p.prompts, seeds=[], subseeds=[])
         p.parse_extra_network_prompts()
         runner.call("process_batch", p, batch_number=n, prompts=p.prompts, seeds=[], subseeds=[])
         p.setup_conds()
-        x = torch.zeros(size, 4, 8, 8)
-        runner.call("process_before_every_sampling", p, x=x, noise=x, c=p.c, uc=p.uc)
-        sampler = create_sampler(p.sampler_name, p.sd_model)
-        p.denoisers.append(sampler.model_wrap_cfg)
         if p.is_img2img:
-            sampler.sample_img2img(p, x, x, p.c, p.uc)
+            x = p.rng.next()
+            runner.call("process_before_every_sampling", p, x=p.init_latent, noise=x, c=p.c, uc=p.uc)
+            p.denoisers.append(p.sampler.model_wrap_cfg)
+            samples = p.sampler.sample_img2img(p, p.init_latent, x, p.c, p.uc)
         else:
-            sampler.sample(p, x, p.c, p.uc)
+            p.sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
+            x = p.rng.next()
+            runner.call("process_before_every_sampling", p, x=x, noise=x, c=p.c, uc=p.uc)
+            p.denoisers.append(p.sampler.model_wrap_cfg)
+            samples = p.sampler.sample(p, x, p.c, p.uc)
         if p.enable_hr and not p.is_img2img:
             p.is_hr_pass = True
             p.before_hires_infotexts += [create_infotext(p, n * size + i) for i in range(size)]  # save_intermediate
-            sampler = create_sampler(p.hr_sampler_name or p.sampler_name, p.sd_model)
-            p.denoisers.append(sampler.model_wrap_cfg)
+            p.rng = ImageRNG((size, *LATENT), p.seeds)
+            noise = p.rng.next()
+            p.sampler = sd_samplers.create_sampler(p.hr_sampler_name or p.sampler_name, p.sd_model)
+            p.denoisers.append(p.sampler.model_wrap_cfg)
             p.calculate_hr_conds()
             runner.call("before_hr", p)
-            runner.call("process_before_every_sampling", p, x=x, noise=x, c=p.hr_c, uc=p.hr_uc)
-            sampler.sample_img2img(p, x, x, p.hr_c, p.hr_uc, steps=p.hr_second_pass_steps or p.steps)
+            runner.call("process_before_every_sampling", p, x=samples, noise=noise, c=p.hr_c, uc=p.hr_uc)
+            p.sampler.sample_img2img(p, samples, noise, p.hr_c, p.hr_uc, steps=p.hr_second_pass_steps or p.steps)
+            p.sampler = None
             p.is_hr_pass = False
         runner.call("postprocess_batch", p, images=x, batch_number=n)
         infotexts += [create_infotext(p, n * size + i) for i in range(size)]

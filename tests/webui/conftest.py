@@ -76,9 +76,16 @@ def reference(models_dir):
 @dataclass
 class Recorded:
     """Each conditioner call (per call or foreseen): the row texts, the timesteps (float64 list) and the rows it
-    returned."""
+    returned; beside it, whether the call was foreseen (a lookup) and the conditioner's TSC pass count after it."""
 
     calls: list = field(default_factory=list)
+    foreseen: list = field(default_factory=list)
+    passes: list = field(default_factory=list)
+
+    def clear(self):
+        self.calls.clear()
+        self.foreseen.clear()
+        self.passes.clear()
 
 
 HOST_PACKAGES = ("modules", "backend", "ldm_patched", "modules_forge", "forge_common", "hostlayers")
@@ -144,6 +151,16 @@ def host(models_dir, monkeypatch):
     _drop_host_modules()
 
 
+@pytest.fixture(params=["a1111", "forge-classic", "forge-new"])
+def any_host(request, models_dir, monkeypatch):
+    """Each of the three host doubles with the extension loaded."""
+    with real_k_diffusion():
+        helper = _load_host(request.param, models_dir, monkeypatch)
+        yield helper
+        _unload_models()
+    _drop_host_modules()
+
+
 @pytest.fixture(params=["forge-classic", "forge-new"])
 def forge_host(request, models_dir, monkeypatch):
     """The Forge classic and Forge new doubles with the extension loaded; yields a ``Host`` helper."""
@@ -176,11 +193,15 @@ class Host:
             def __call__(self, texts, timesteps):  # a call computed per call
                 out = super().__call__(texts, timesteps)
                 recorded.calls.append((list(texts), torch.as_tensor(timesteps).double().tolist(), out))
+                recorded.foreseen.append(False)
+                recorded.passes.append(self.tsc_passes)
                 return out
 
             def lookup(self, texts, timesteps):  # a foreseen call
                 out = super().lookup(texts, timesteps)
                 recorded.calls.append((list(texts), [float(t) for t in timesteps], out))
+                recorded.foreseen.append(True)
+                recorded.passes.append(self.tsc_passes)
                 return out
 
         monkeypatch.setattr(generation, "Conditioner", RecordingConditioner)
@@ -188,7 +209,7 @@ class Host:
     def run(self, prompt, negative_prompt="", *, args=None, img2img=False, **kwargs):
         from modules import processing, scripts
 
-        self.recorded.calls.clear()
+        self.recorded.clear()
         args = ella_args() if args is None else args
         cls = processing.StableDiffusionProcessingImg2Img if img2img else processing.StableDiffusionProcessingTxt2Img
         self.script.args_to = 1 + len(args)

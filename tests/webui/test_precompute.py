@@ -243,6 +243,12 @@ def test_memory_setting_bounds_what_is_computed_ahead(any_host, monkeypatch):
     kwargs = dict(GENERATION, enable_hr=False, sampler_name="Euler")
     generate(any_host, monkeypatch, ahead_mb=256, **kwargs)
     assert all(ahead and resident == chunks == 6 for ahead, resident, chunks in held)  # all 6 timesteps ahead
+    between = []  # a pass's rows are dropped when its sampler returns: none are kept into the hires pass
+    monkeypatch.setattr(any_host.script, "before_hr", lambda p, *args: between.append(
+        len(getattr(p, generation.ATTRIBUTE).conditioner._resident)))
+    generate(any_host, monkeypatch, ahead_mb=256, **dict(GENERATION, sampler_name="Euler"))
+    assert between == [0]
+    held.clear()
     held.clear()
     generate(any_host, monkeypatch, ahead_mb=0, **kwargs)
     assert all(not ahead and resident == 1 and chunks == 6 for ahead, resident, chunks in held)

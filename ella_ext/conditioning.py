@@ -29,7 +29,7 @@ from .errors import InputError
 log = logging.getLogger("ella")
 
 TSC_CHUNK = 256  # the most pairs in one TSC pass of an arrangement
-PASS_BYTES = 128 * 1024**2  # the activations one TSC pass of an arrangement may take (fewer pairs when they would not)
+PASS_BYTES = 32 * 1024**2  # the activations one TSC pass of an arrangement may take (fewer pairs when they would not)
 
 Key = tuple[int, float]  # (text index, timestep as a float32-rounded Python float)
 
@@ -109,12 +109,10 @@ class Conditioner:
     def _gather(self, indices: list[int], steps: Sequence[float]) -> torch.Tensor:
         memo = (tuple(indices), tuple(steps))
         found = self._gathers.get(memo)
-        if found is not None:  # a call seen before: its rows are one gather from one resident chunk
+        if found is not None:  # a foreseen call (or one seen before): one gather from one chunk
             chunk, index = found
-            out = self._resident.get(chunk)
-            if out is not None:
-                self._resident.move_to_end(chunk)
-                return out.index_select(0, index)
+            self._ensure(chunk, keep=(chunk,))
+            return self._resident[chunk].index_select(0, index)
         keys = list(zip(indices, steps))
         unique = list(dict.fromkeys(keys))
         chunks = list(dict.fromkeys(self._arranged[k][0] for k in unique if k in self._arranged))
@@ -143,18 +141,22 @@ class Conditioner:
 
     # -- the arrangement of a pass -------------------------------------------------------------------------------------
 
-    def arrange(self, pairs: Sequence[tuple[str, float]], *, max_bytes: int | None = None) -> bool:
-        """Arrange the TSC passes of a sampling pass: ``pairs`` are the (text, timestep) pairs its calls will ask for,
-        in the order they will (timesteps as ``timestep_keys`` gives them). Every chunk is computed now when all the
-        rows take at most ``max_bytes`` (None: no bound); otherwise each is computed at the first call that needs it,
-        keeping as many as ``max_bytes`` holds (at least one). Returns whether the rows were computed now. Replaces
-        the previous arrangement."""
+    def arrange(self, calls: Sequence[Sequence[tuple[str, float]]], *, max_bytes: int | None = None) -> bool:
+        """Arrange the TSC passes of a sampling pass: ``calls`` are the rows its calls will ask for, each call's
+        (text, timestep) pairs in row order and the calls in the order they will come (timesteps as
+        ``timestep_keys`` gives them). Every chunk is computed now when all the rows take at most ``max_bytes``
+        (None: no bound); otherwise each is computed at the first call that needs it, keeping as many as
+        ``max_bytes`` holds (at least one). Each call's gather (its rows' places in a chunk) is prepared now too, so
+        that a foreseen call copies nothing to the device. Returns whether the rows were computed now. Replaces the
+        previous arrangement."""
         self.forget_arrangement()
-        if not pairs:
+        calls = [list(call) for call in calls if call]
+        if not calls:
             return False
-        self.prepare(list(dict.fromkeys(text for text, _ in pairs)))
-        steps = _as_floats([t for _, t in pairs], None)
-        keys = list(dict.fromkeys((self._index[text], t) for (text, _), t in zip(pairs, steps)))
+        self.prepare(list(dict.fromkeys(text for call in calls for text, _ in call)))
+        steps = iter(_as_floats([t for call in calls for _, t in call], None))
+        call_keys = [[(self._index[text], next(steps)) for text, _ in call] for call in calls]
+        keys = list(dict.fromkeys(key for call in call_keys for key in call))
         by_timestep: dict[float, list[Key]] = {}
         for key in keys:
             by_timestep.setdefault(key[1], []).append(key)
@@ -167,6 +169,11 @@ class Conditioner:
                 chunks.append(list(group))
         self._chunks = chunks
         self._arranged = {key: (c, r) for c, chunk in enumerate(chunks) for r, key in enumerate(chunk)}
+        for call in call_keys:
+            places = [self._arranged[key] for key in call]
+            if all(chunk == places[0][0] for chunk, _ in places):
+                index = torch.tensor([row for _, row in places], device=self.connector.device)
+                self._gathers[(tuple(i for i, _ in call), tuple(t for _, t in call))] = (places[0][0], index)
         row_bytes = self._row_bytes()
         self.ahead = max_bytes is None or len(keys) * row_bytes <= max_bytes
         chunk_bytes = max(len(chunk) for chunk in chunks) * row_bytes
@@ -182,7 +189,7 @@ class Conditioner:
         if texts is not None:
             self.prepare(texts)
         texts = list(dict.fromkeys(texts)) if texts is not None else list(self._index)
-        self.arrange([(text, t) for t in _as_floats(timesteps, None) for text in texts])
+        self.arrange([[(text, t) for text in texts] for t in _as_floats(timesteps, None)])
 
     def forget_arrangement(self) -> None:
         self._chunks = []

@@ -45,7 +45,7 @@ class PassPlan:
     source: Any  # what maps sigmas to timesteps at this pass's calls (a refiner switch replaces it)
     uncond_rows: int
     timesteps: dict[tuple[float, ...], list[float]] = field(default_factory=dict)  # sigma column -> rows' keys
-    pairs: list[tuple[str, float]] = field(default_factory=list)  # every (text, timestep) the calls ask for
+    calls: list[list[tuple[str, float]]] = field(default_factory=list)  # each foreseen call's (text, timestep) rows
 
     def fits(self, denoiser: Any, hires: bool, batch: int, uncond_rows: int, source: Any) -> bool:
         return (denoiser is self.denoiser and hires == self.hires and batch == self.batch
@@ -85,7 +85,7 @@ def plan_pass(
             cond_t, uncond_t = row_timesteps(timesteps_of(like), texts.counts, uncond_rows)
             keys = plan.timesteps[key] = timestep_keys(torch.cat([cond_t, uncond_t]))
         cond_texts, uncond_texts = texts.at(step)
-        plan.pairs += zip([*cond_texts, *uncond_texts[:uncond_rows]], keys)
+        plan.calls.append(list(zip([*cond_texts, *uncond_texts[:uncond_rows]], keys)))
     if first not in plan.timesteps:
         return None
     return plan

@@ -287,7 +287,7 @@ def _plan(generation: Generation, texts: PassTexts, params, hires: bool, uncond_
         if plan is None:
             log.info("ELLA: this pass's first call was not the one foreseen; its rows are computed per call")
             return None
-        generation.conditioner.arrange(plan.pairs, max_bytes=_ahead_bytes())
+        generation.conditioner.arrange(plan.calls, max_bytes=_ahead_bytes())
     except Exception as err:  # e.g. out of memory for the large passes: the calls compute their own rows
         log.warning("ELLA: could not compute this pass's rows ahead (%s: %s); computing them per call",
                     type(err).__name__, err)

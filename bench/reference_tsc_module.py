@@ -49,18 +49,22 @@ class _SquaredReLU(nn.Module):
 
 
 class Resampler(nn.Module):
-    def __init__(self, width, layers, heads, num_latents, input_dim, time_dim):
+    def __init__(self, width, layers, heads, num_latents, input_dim, time_dim, output_dim=None):
         super().__init__()
         self.latents = nn.Parameter(torch.zeros(num_latents, width))
         self.time_aware_linear = nn.Linear(time_dim, width)
         self.proj_in = nn.Linear(input_dim, width)
         self.perceiver_blocks = nn.Sequential(*[Block(width, heads, time_dim) for _ in range(layers)])
+        if output_dim is not None:  # the reference's optional output projection (a linear, then a LayerNorm)
+            self.proj_out = nn.Sequential(nn.Linear(width, output_dim), nn.LayerNorm(output_dim))
 
     def forward(self, x, emb):
         latents = self.latents.unsqueeze(0).repeat(len(x), 1, 1) + self.time_aware_linear(F.silu(emb))
         x = self.proj_in(x)
         for block in self.perceiver_blocks:
             latents = block(x, latents, emb)
+        if hasattr(self, "proj_out"):
+            latents = self.proj_out(latents)
         return latents
 
 
@@ -84,7 +88,7 @@ class ReferenceTSC(nn.Module):
         super().__init__()
         self.time_embedding = TimeEmbedding(config.time_channels, config.time_embed_dim)
         self.connector = Resampler(config.width, config.layers, config.heads, config.num_latents, config.input_dim,
-                                   config.time_embed_dim)
+                                   config.time_embed_dim, config.output_dim)
 
     def forward(self, features, timesteps):
         timesteps = torch.as_tensor(timesteps, device=features.device).reshape(-1)

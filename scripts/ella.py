@@ -29,6 +29,7 @@ class ELLAScript(scripts.Script):
         generation.prepare_batch(p, kwargs.get("batch_number", 0))
 
     def process_before_every_sampling(self, p, *args, **kwargs):
+        generation.watch_sampler(p)
         ADAPTER.before_sampling(p, generation.sampling_memory(p))
 
     def postprocess_batch(self, p, *args, **kwargs):
@@ -39,7 +40,7 @@ class ELLAScript(scripts.Script):
 
 
 def on_cfg_denoiser(params):
-    generation.on_denoiser(params, ADAPTER.timesteps)
+    generation.on_denoiser(params, ADAPTER)
 
 
 # Registered once, when the host loads this file (it clears all callbacks before loading scripts again), and

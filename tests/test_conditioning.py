@@ -184,3 +184,118 @@ def test_working_bytes_bounds_the_results_calls_add(parts):
         cond(texts, [float(t), float(t)])
     assert len(cond._pairs) == 16
     assert cond.working_bytes(rows=2, calls=5) == bound - added
+
+
+# -- arrangements: a pass's pairs computed in a few large TSC passes, ahead or at the calls that need them ---------
+
+SCHEDULE = [999.0, 850.25, 700.5, 420.0, 100.0, 0.0]
+CALL_TEXTS = ["cat", "a dog on a mat", "cat", ""]  # cond rows then uncond rows, with a repeated text
+
+
+def _calls(schedule=SCHEDULE, texts=CALL_TEXTS):
+    return [[(text, t) for text in texts] for t in schedule]
+
+
+@pytest.mark.parametrize("max_length", [None, 12])
+def test_arranged_pass_computed_ahead_then_looked_up(parts, tiny_t5_dir, max_length):
+    connector, encoder, _ = parts
+    cond = Conditioner(connector, encoder, max_length=max_length)
+    assert cond.arrange(_calls(), max_bytes=None) is True
+    assert cond.tsc_passes == 1 and cond.tsc_pairs == 3 * len(SCHEDULE)  # distinct pairs only, one pass
+    for t in SCHEDULE:
+        out = cond.lookup(CALL_TEXTS, [t] * len(CALL_TEXTS))
+        assert out.shape == (4, TINY.num_latents, TINY.out_width) and torch.equal(out[0], out[2])
+        for row, text in enumerate(CALL_TEXTS):
+            torch.testing.assert_close(out[row].double(), expected_row(connector, tiny_t5_dir, text, t, max_length),
+                                       **TOL)
+    assert cond.tsc_passes == 1  # every call was a lookup
+
+
+def test_arranged_rows_are_the_same_ahead_or_at_the_calls(parts, monkeypatch):
+    """Above the memory bound each chunk is computed at the first call that needs it: the same TSC passes over the
+    same pairs as ahead, so the same rows to the last bit; and at most one chunk is kept."""
+    from ella_ext import conditioning
+
+    connector, encoder, _ = parts
+    monkeypatch.setattr(conditioning, "TSC_CHUNK", 7)  # two timesteps (3 distinct pairs each) per chunk
+    ahead, at_calls = Conditioner(connector, encoder), Conditioner(connector, encoder)
+    assert ahead.arrange(_calls(), max_bytes=10**9) is True
+    assert at_calls.arrange(_calls(), max_bytes=0) is False
+    assert ahead.tsc_passes == 3 and at_calls.tsc_passes == 0  # 6 timesteps in chunks of 2 timesteps
+    for step, t in enumerate(SCHEDULE):
+        rows = at_calls.lookup(CALL_TEXTS, [t] * 4)
+        assert torch.equal(rows, ahead.lookup(CALL_TEXTS, [t] * 4))
+        assert at_calls.tsc_passes == step // 2 + 1 and len(at_calls._resident) == 1
+    assert ahead.tsc_passes == 3
+    # a row computed per call (a TSC pass over other rows) is the same number, not always the same bits
+    per_call = Conditioner(connector, encoder)
+    for t in SCHEDULE:
+        torch.testing.assert_close(per_call(CALL_TEXTS, t), ahead.lookup(CALL_TEXTS, [t] * 4), atol=1e-5, rtol=1e-5)
+
+
+def test_chunks_hold_whole_timesteps_and_the_bound_keeps_enough(parts, monkeypatch):
+    from ella_ext import conditioning
+
+    connector, encoder, _ = parts
+    monkeypatch.setattr(conditioning, "TSC_CHUNK", 4)  # 3 pairs per timestep: a chunk is one timestep
+    cond = Conditioner(connector, encoder)
+    row_bytes = TINY.num_latents * TINY.out_width * 4
+    assert cond.arrange(_calls(), max_bytes=2 * 3 * row_bytes) is False  # two chunks fit, not six
+    assert [len(chunk) for chunk in cond._chunks] == [3] * len(SCHEDULE)
+    for t in SCHEDULE:
+        cond.lookup(CALL_TEXTS, [t] * 4)
+    assert cond.tsc_passes == len(SCHEDULE) and len(cond._resident) == 2
+    first = cond.tsc_passes
+    cond.lookup(CALL_TEXTS, [SCHEDULE[0]] * 4)  # an evicted chunk is computed again, by the same pass
+    assert cond.tsc_passes == first + 1
+
+
+def test_a_pair_not_arranged_is_computed_per_call(parts, tiny_t5_dir):
+    connector, encoder, _ = parts
+    cond = Conditioner(connector, encoder)
+    cond.arrange(_calls(), max_bytes=None)
+    out = cond(["cat", "a dog on a mat"], 512.5)  # a timestep no call was foreseen to ask for
+    assert cond.tsc_passes == 2 and cond.tsc_pairs == 3 * len(SCHEDULE) + 2
+    torch.testing.assert_close(out[1].double(), expected_row(connector, tiny_t5_dir, "a dog on a mat", 512.5), **TOL)
+    mixed = cond(["cat", "a new text"], [999.0, 999.0])  # one arranged pair, one new text
+    assert cond.tsc_passes == 3
+    assert torch.equal(mixed[0], cond.lookup(["cat"], [999.0])[0])
+    torch.testing.assert_close(mixed[1].double(), expected_row(connector, tiny_t5_dir, "a new text", 999.0), **TOL)
+
+
+def test_a_foreseen_call_is_one_gather(parts):
+    """The per-call work of a foreseen call: one indexing operation (counted, not timed)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    connector, encoder, _ = parts
+    cond = Conditioner(connector, encoder)
+    cond.arrange(_calls(), max_bytes=None)
+    for t in SCHEDULE:  # every foreseen call, the first included: its gather was prepared with the arrangement
+        with Count() as count:
+            cond.lookup(CALL_TEXTS, [t] * 4)
+        assert count.ops == ["index_select.default"]
+
+
+def test_working_bytes_counts_the_rows_kept_ahead(parts, monkeypatch):
+    from ella_ext import conditioning
+
+    connector, encoder, _ = parts
+    monkeypatch.setattr(conditioning, "TSC_CHUNK", 6)  # 24 pairs: four chunks of 6
+    cond = Conditioner(connector, encoder, cache_entries=0)
+    cond.prepare(CALL_TEXTS)
+    row_bytes = TINY.num_latents * TINY.out_width * 4
+    one_chunk = cond.working_bytes(rows=4, calls=6)
+    assert cond.working_bytes(rows=4, calls=6, ahead_bytes=10**9) - one_chunk == (24 - 6) * row_bytes
+    assert cond.working_bytes(rows=4, calls=6, ahead_bytes=12 * row_bytes) - one_chunk == (12 - 6) * row_bytes
+    cond.arrange([[(text, t) for text in ["cat", "a dog on a mat", "blurry", ""]] for t in SCHEDULE], max_bytes=None)
+    held = sum(t.numel() * t.element_size() for t in cond._resident.values())
+    assert held == 24 * row_bytes <= cond.working_bytes(rows=4, calls=6, ahead_bytes=10**9)

@@ -7,6 +7,10 @@ Host facts (AUTOMATIC1111 v1.10.1, commit 82a973c0):
 - ``modules/sd_samplers_lcm.py``: LCM's inner model has its own ``sigma_to_t``.
 - ``modules/sd_samplers_timesteps.py``: DDIM, PLMS and UniPC (``CFGDenoiserTimesteps``) pass DDPM timesteps where
   k-diffusion passes sigmas; ``params.sigma`` already is the timestep.
+- ``modules/sd_samplers_cfg_denoiser.py`` ``CFGDenoiser.forward``: ``params.sigma`` repeats the value the sampler
+  handed the denoiser for each image (once per AND part, then once more for its uncond row), unconverted;
+  ``update_inner_model`` (a refiner switch, ``sd_samplers_common.apply_refiner``) drops ``model_wrap``, so the next
+  ``inner_model`` is a new object.
 """
 
 from __future__ import annotations
@@ -32,6 +36,16 @@ def timesteps(params) -> torch.Tensor:
     if to_t is not None:
         return to_t(sigma).float()
     return _fallback_schedule().timestep(sigma)
+
+
+def callback_sigma(denoiser, sigma: torch.Tensor) -> torch.Tensor:
+    """What ``params.sigma`` holds for a call at which the sampler hands the denoiser ``sigma``: the same values."""
+    return sigma
+
+
+def timestep_source(params):
+    """What maps this call's sigmas to timesteps (``timesteps`` reads its ``sigma_to_t``)."""
+    return params.denoiser.inner_model
 
 
 def before_sampling(p, nbytes: int) -> None:

@@ -17,7 +17,9 @@ Host facts (lllyasviel/stable-diffusion-webui-forge; classic at bfee03d8, new at
   ``model.predictor.timestep(sigma)`` (new, ``backend/modules/k_model.py``): the nearest of the 1000 training steps.
   The timestep samplers (DDIM, PLMS, UniPC: ``classic_ddim_eps_estimation``) turn their timestep into a real sigma
   before the callback, so one mapping serves every sampler. (Classic's k-diffusion ``CompVisDenoiser.sigma_to_t``
-  would give a fractional t the UNet never sees.)
+  would give a fractional t the UNet never sees.) ``CFGDenoiser.forward`` does that conversion before the callback:
+  ``fake_sigmas = ((1 - acd) / acd) ** 0.5`` of ``inner_model.inner_model.alphas_cumprod``, then
+  ``fake_sigmas[sigma.round().long().clip(0, int(fake_sigmas.shape[0]))]`` (the same in both generations).
 - ``processing.py`` sets ``sd_model.forge_objects`` to a shallow copy of ``forge_objects_after_applying_lora`` before
   every ``process_before_every_sampling``; new calls that hook twice in the hires pass (before and after the reset).
   ``UnetPatcher.clone()`` + ``add_extra_preserved_memory_during_sampling(bytes)`` (``modules_forge/unet_patcher.py``,
@@ -42,11 +44,24 @@ CLASSIC_MIN_RESERVE = 64 * 1024**2
 
 def timesteps(params) -> torch.Tensor:
     """The training timestep the UNet is fed for each row of ``params.sigma`` (one sigma per image in Forge)."""
+    return timestep_source(params).timestep(params.sigma).float()
+
+
+def timestep_source(params):
+    """The UNet's discrete schedule, which maps this call's sigmas to the timesteps the UNet is fed."""
     model = params.denoiser.inner_model.inner_model.forge_objects.unet.model
     sampling = getattr(model, "predictor", None)  # new
-    if sampling is None:
-        sampling = model.model_sampling  # classic
-    return sampling.timestep(params.sigma).float()
+    return model.model_sampling if sampling is None else sampling  # classic
+
+
+def callback_sigma(denoiser, sigma: torch.Tensor) -> torch.Tensor:
+    """What ``params.sigma`` holds for a call at which the sampler hands the denoiser ``sigma``: the same, except
+    that the timestep samplers' timesteps become the sigmas of those steps (as ``CFGDenoiser.forward`` does)."""
+    if not getattr(denoiser, "classic_ddim_eps_estimation", False):
+        return sigma
+    acd = denoiser.inner_model.inner_model.alphas_cumprod
+    fake_sigmas = ((1 - acd) / acd) ** 0.5
+    return fake_sigmas[sigma.round().long().clip(0, int(fake_sigmas.shape[0]))]
 
 
 def before_sampling(p, nbytes: int) -> None:

@@ -13,6 +13,13 @@ Host facts (AUTOMATIC1111 v1.10.1, commit 82a973c0):
   ``text_uncond`` one per image; ``params.sigma`` one value per row of ``params.x`` (cond rows, then uncond rows);
   the schedule entry is chosen with ``denoiser.step`` (the call counter).
 - ``modules/prompt_parser.py``: SDXL conditioning is a ``DictWithShape`` with ``crossattn`` and ``vector``.
+- ``modules/processing.py``: each pass's sampler exists before ``process_before_every_sampling`` (``p.sampler``:
+  txt2img's ``sample()`` and ``sample_hr_pass()`` create it just before the hook, img2img's ``init()`` once for all
+  batches); ``sd_samplers_kdiffusion.py`` / ``sd_samplers_timesteps.py``: its ``sample`` / ``sample_img2img`` compute
+  the pass's schedule (sigmas or timesteps, img2img's and the hires pass's partial one included), set up the denoiser
+  (``initialize``: ``denoiser.p``, ``denoiser.step = 0``, ``k_diffusion.sampling.torch`` = the image's noise) and
+  call ``sampler.func(denoiser, x, extra_args=..., disable=..., callback=..., sigmas=... | timesteps=..., ...)``
+  (the same in both Forge generations); ``inspect.signature(sampler.func)`` decides which arguments it gets.
 - ``modules/processing.py``: ``create_infotext`` runs for the images saved before hires fix (``save_intermediate``,
   after the first pass) and, after ``postprocess_batch``, for each image of the batch; a ``None`` value leaves the
   key out (also in Forge classic, whose ``create_infotext`` is A1111 1.8's: it does not call callable values, and
@@ -23,17 +30,21 @@ Host facts (AUTOMATIC1111 v1.10.1, commit 82a973c0):
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from .. import options as opts_mod
+from .. import sampler_probe
 from ..conditioning import Conditioner
 from ..errors import ELLAError, InputError
 from ..options import ELLAOptions
+from ..pass_plan import Foreseen, PassPlan, column_key, plan_pass
 from ..pass_rows import PassTexts, assemble, has_controlnet_mark, row_timesteps
 from . import host, infotext, settings
 from .loading import LoadedModels, check_names, llm_mismatch, manager
@@ -42,6 +53,7 @@ log = logging.getLogger("ella")
 
 ATTRIBUTE = "ella_generation"
 XYZ_ATTRIBUTE = "ella_xyz"  # overrides set by the XYZ plot's axes
+WATCHED = "_ella_watched"  # set on a sampler function ELLA wrapped
 
 
 @dataclass
@@ -57,6 +69,8 @@ class Generation:
     warnings: list[str] = field(default_factory=list)  # for every batch of the generation
     batch_warnings: dict[int, list[str]] = field(default_factory=dict)  # batch number -> for that batch only
     calls: dict[int, int] = field(default_factory=dict)  # batch number -> calls ELLA conditioned
+    foreseen: Foreseen | None = None  # the calls of the pass about to start, from a dry run of its sampler
+    plan: PassPlan | None = None  # the current pass's foreseen calls, its rows arranged in the conditioner
 
     def release(self) -> None:
         """Drop what this generation holds (its features and rows on the GPU); ELLA does nothing more for it."""
@@ -213,13 +227,120 @@ def finish_batch(p) -> None:
 
 
 def sampling_memory(p) -> int:
-    """``process_before_every_sampling``: the bytes ELLA's per-call work may take on the GPU during this pass (0 if
-    ELLA is off for it)."""
+    """``process_before_every_sampling``: the bytes ELLA's work may take on the GPU during this pass (0 if ELLA is
+    off for it): its TSC passes and the rows it keeps, those computed ahead included."""
     generation: Generation | None = getattr(p, ATTRIBUTE, None)
     texts = None if generation is None else generation.passes.get(bool(getattr(p, "is_hr_pass", False)))
     if texts is None:
         return 0
-    return generation.conditioner.working_bytes(texts.cond_rows + texts.uncond_rows, texts.max_calls)
+    return generation.conditioner.working_bytes(texts.cond_rows + texts.uncond_rows, texts.max_calls,
+                                                ahead_bytes=_ahead_bytes())
+
+
+def _ahead_bytes() -> int:
+    return max(0, int(settings.get("ella_precompute_mb"))) * 1024**2
+
+
+# -- foreseeing a pass's calls -------------------------------------------------------------------------------------
+
+
+def watch_sampler(p) -> None:
+    """``process_before_every_sampling``: wrap this pass's sampler function so that, when the pass starts, a dry run
+    of it tells which noise level each call will have (``sampler_probe``). The sampler lives for one pass (img2img:
+    for the whole job); wrapping it again changes nothing."""
+    generation: Generation | None = getattr(p, ATTRIBUTE, None)
+    sampler = getattr(p, "sampler", None)
+    func = getattr(sampler, "func", None)
+    if generation is None or not callable(func) or getattr(func, WATCHED, False):
+        return
+    sampler.func = _watched(func)
+
+
+def _watched(func):
+    @functools.wraps(func)  # the host reads the sampler's parameters with inspect.signature: they stay func's
+    def watched(model, x, *args, **kwargs):
+        _foresee(func, model, x, args, kwargs)
+        try:
+            return func(model, x, *args, **kwargs)
+        finally:
+            _pass_done(model)
+
+    setattr(watched, WATCHED, True)
+    return watched
+
+
+def _foresee(func, model, x, args, kwargs) -> None:
+    """The sampler of a pass starts: record the calls it will make, for the pass's first call to plan from."""
+    try:
+        p = getattr(model, "p", None)
+        generation: Generation | None = getattr(p, ATTRIBUTE, None)
+        if generation is None:
+            return
+        hires = bool(getattr(p, "is_hr_pass", False))
+        texts = generation.passes.get(hires)
+        generation.foreseen = None
+        if texts is None or not isinstance(x, torch.Tensor):
+            return
+        sigmas = sampler_probe.record(func, model, x, args, kwargs, limit=4 * texts.max_calls + 16)
+        if sigmas:
+            generation.foreseen = Foreseen(model, sigmas, hires, generation.batch)
+    except Exception:  # never stop the sampler: the pass is computed per call
+        log.exception("ELLA: could not foresee this pass's calls")
+
+
+def _pass_done(model) -> None:
+    """The sampler of a pass returned: drop the pass's arranged rows."""
+    generation: Generation | None = getattr(getattr(model, "p", None), ATTRIBUTE, None)
+    if generation is not None and generation.plan is not None and generation.plan.denoiser is model:
+        _drop_plan(generation)
+
+
+def _drop_plan(generation: Generation) -> None:
+    generation.plan = None
+    generation.conditioner.forget_arrangement()
+
+
+def _plan(generation: Generation, texts: PassTexts, params, hires: bool, uncond_rows: int, adapter) -> PassPlan | None:
+    """The pass's first call: turn what the dry run foresaw into the timestep keys of each foreseen call, and arrange
+    (and, if they fit in the setting's memory, compute) every row the pass will ask for."""
+    foreseen, generation.foreseen = generation.foreseen, None
+    _drop_plan(generation)
+    if foreseen.denoiser is not params.denoiser or foreseen.hires != hires or foreseen.batch != generation.batch:
+        return None
+    denoiser = params.denoiser
+    try:
+        plan = plan_pass(
+            foreseen, texts, params.sigma, uncond_rows,
+            callback_sigma=lambda sigma: adapter.callback_sigma(denoiser, sigma),
+            timesteps_of=lambda column: adapter.timesteps(SimpleNamespace(denoiser=denoiser, sigma=column)),
+            source=adapter.timestep_source(params),
+        )
+        if plan is None:
+            log.info("ELLA: this pass's first call was not the one foreseen; its rows are computed per call")
+            return None
+        generation.conditioner.arrange(plan.calls, max_bytes=_ahead_bytes())
+    except Exception as err:  # e.g. out of memory for the large passes: the calls compute their own rows
+        log.warning("ELLA: could not compute this pass's rows ahead (%s: %s); computing them per call",
+                    type(err).__name__, err)
+        generation.conditioner.forget_arrangement()
+        return None
+    generation.plan = plan
+    return plan
+
+
+def _foreseen_keys(generation: Generation, texts: PassTexts, params, hires: bool, uncond_rows: int,
+                   adapter) -> list[float] | None:
+    """The timestep keys of this call's rows if the pass foresaw the call, else None (computed per call)."""
+    plan = generation.plan
+    if generation.foreseen is not None:
+        plan = _plan(generation, texts, params, hires, uncond_rows, adapter)
+    if plan is None:
+        return None
+    if not plan.fits(params.denoiser, hires, generation.batch, uncond_rows, adapter.timestep_source(params)):
+        _drop_plan(generation)
+        return None
+    key = column_key(params.sigma)
+    return None if key is None else plan.timesteps.get(key)
 
 
 def fail(generation: Generation, err: BaseException) -> None:
@@ -238,11 +359,14 @@ def fail(generation: Generation, err: BaseException) -> None:
         message += "; this batch uses CLIP"
     generation.failed[batch] = message
     generation.passes.clear()
+    generation.foreseen = None
+    _drop_plan(generation)
     generation.write_infotext()
 
 
-def on_denoiser(params, timesteps: Callable[[Any], torch.Tensor]) -> None:
-    """The per-call swap. ``timesteps(params)`` maps the call's sigma column to DDPM timesteps (host-specific)."""
+def on_denoiser(params, adapter) -> None:
+    """The per-call swap. ``adapter`` is the host's module (``a1111`` or ``forge``): ``timesteps(params)`` maps the
+    call's sigma column to DDPM timesteps, ``callback_sigma`` and ``timestep_source`` serve the foreseen calls."""
     denoiser = getattr(params, "denoiser", None)
     p = getattr(denoiser, "p", None)
     generation: Generation | None = getattr(p, ATTRIBUTE, None)
@@ -253,12 +377,12 @@ def on_denoiser(params, timesteps: Callable[[Any], torch.Tensor]) -> None:
     if texts is None:  # ELLA off for this pass, or failed in this batch
         return
     try:
-        swap(generation, texts, params, hires, int(getattr(denoiser, "step", 0)), timesteps(params))
+        swap(generation, texts, params, hires, int(getattr(denoiser, "step", 0)), adapter)
     except Exception as err:
         fail(generation, err)
 
 
-def swap(generation: Generation, texts: PassTexts, params, hires: bool, step: int, t: torch.Tensor) -> None:
+def swap(generation: Generation, texts: PassTexts, params, hires: bool, step: int, adapter) -> None:
     cond, uncond = params.text_cond, params.text_uncond
     cond_tensor = _crossattn(cond)
     uncond_tensor = None if uncond is None else _crossattn(uncond)
@@ -270,8 +394,13 @@ def swap(generation: Generation, texts: PassTexts, params, hires: bool, step: in
             f"{uncond_rows} (another extension may have changed the batch)"
         )
     cond_texts, uncond_texts = texts.at(step)
-    cond_t, uncond_t = row_timesteps(t, texts.counts, uncond_rows)
-    rows = generation.conditioner([*cond_texts, *uncond_texts[:uncond_rows]], torch.cat([cond_t, uncond_t]))
+    row_texts = [*cond_texts, *uncond_texts[:uncond_rows]]
+    keys = _foreseen_keys(generation, texts, params, hires, uncond_rows, adapter)
+    if keys is not None:  # a foreseen call: its rows were arranged (and usually computed) at the pass's first call
+        rows = generation.conditioner.lookup(row_texts, keys)
+    else:
+        cond_t, uncond_t = row_timesteps(adapter.timesteps(params), texts.counts, uncond_rows)
+        rows = generation.conditioner(row_texts, torch.cat([cond_t, uncond_t]))
     with_clip = generation.options.with_clip
     params.text_cond = _rebuild(cond, assemble(rows[: texts.cond_rows], cond_tensor, with_clip=with_clip,
                                                marked=_marked(generation, (hires, "cond"), cond_tensor)))

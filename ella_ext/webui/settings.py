@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "ella_keep_llm_on_gpu": False,
     "ella_encoding_cache": 256,
     "ella_tsc_cache": 1024,
+    "ella_precompute_mb": 256,
     "ella_unload_minutes": 15,
     "ella_allow_download": True,
     "ella_allow_paths": False,
@@ -71,6 +72,11 @@ def on_ui_settings() -> None:
         {"minimum": 0, "maximum": 4096, "step": 1})
     add("ella_tsc_cache", "Connector outputs kept per generation", gr.Slider,
         {"minimum": 64, "maximum": 16384, "step": 64})
+    add("ella_precompute_mb", "GPU memory for connector outputs computed before sampling (MiB)", gr.Slider,
+        {"minimum": 0, "maximum": 4096, "step": 16},
+        info="a sampling pass's outputs are computed in a few large batches before its first step, so that each "
+             "step only looks them up; a pass needing more memory computes them batch by batch as its steps reach "
+             "them")
     add("ella_unload_minutes", "Unload ELLA's models after this many minutes unused (0: never)", gr.Slider,
         {"minimum": 0, "maximum": 240, "step": 1})
     add("ella_allow_download", "Download the official models on first use",

@@ -1,5 +1,5 @@
 """The extension's script loaded into the A1111 1.10.1 host double (``tests/webui/a1111``), with tiny models in an
-ELLA models folder and the real k-diffusion denoiser over the real SD 1.5 schedule."""
+ELLA models folder and the real k-diffusion denoiser and samplers over the real SD 1.5 schedule."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ella_ext import load_connector, load_text_encoder
 from ella_ext.connector import Connector, ConnectorConfig
 from ella_ext.connector_file import save_connector
 
-from ..kdiffusion import real_k_external, sd15_alphas_cumprod
+from ..kdiffusion import real_k_diffusion, sd15_alphas_cumprod
 from ..random_weights import init_random
 from ..tiny_llms import HIDDEN
 
@@ -75,9 +75,17 @@ def reference(models_dir):
 
 @dataclass
 class Recorded:
-    """Each conditioner call: the row texts, the timesteps (float64 list) and the rows it returned."""
+    """Each conditioner call (per call or foreseen): the row texts, the timesteps (float64 list) and the rows it
+    returned; beside it, whether the call was foreseen (a lookup) and the conditioner's TSC pass count after it."""
 
     calls: list = field(default_factory=list)
+    foreseen: list = field(default_factory=list)
+    passes: list = field(default_factory=list)
+
+    def clear(self):
+        self.calls.clear()
+        self.foreseen.clear()
+        self.passes.clear()
 
 
 HOST_PACKAGES = ("modules", "backend", "ldm_patched", "modules_forge", "forge_common", "hostlayers")
@@ -136,11 +144,18 @@ def _unload_models():
 @pytest.fixture
 def host(models_dir, monkeypatch):
     """The A1111 1.10.1 double with the extension loaded; yields a ``Host`` helper."""
-    with real_k_external() as k_external:
+    with real_k_diffusion():
         helper = _load_host("a1111", models_dir, monkeypatch)
-        from modules import sd_samplers_kdiffusion
+        yield helper
+        _unload_models()
+    _drop_host_modules()
 
-        sd_samplers_kdiffusion.k_external = k_external
+
+@pytest.fixture(params=["a1111", "forge-classic", "forge-new"])
+def any_host(request, models_dir, monkeypatch):
+    """Each of the three host doubles with the extension loaded."""
+    with real_k_diffusion():
+        helper = _load_host(request.param, models_dir, monkeypatch)
         yield helper
         _unload_models()
     _drop_host_modules()
@@ -149,13 +164,8 @@ def host(models_dir, monkeypatch):
 @pytest.fixture(params=["forge-classic", "forge-new"])
 def forge_host(request, models_dir, monkeypatch):
     """The Forge classic and Forge new doubles with the extension loaded; yields a ``Host`` helper."""
-    with real_k_external() as k_external:
+    with real_k_diffusion():
         helper = _load_host(request.param, models_dir, monkeypatch)
-        from modules import sd_samplers_kdiffusion
-
-        for module in (sd_samplers_kdiffusion, getattr(sd_samplers_kdiffusion, "base", None)):
-            if hasattr(module, "k_external"):  # classic uses the A1111 double's file; new subclasses it
-                module.k_external = k_external
         yield helper
         _unload_models()
     _drop_host_modules()
@@ -180,9 +190,18 @@ class Host:
         recorded = self.recorded
 
         class RecordingConditioner(generation.Conditioner):
-            def __call__(self, texts, timesteps):
+            def __call__(self, texts, timesteps):  # a call computed per call
                 out = super().__call__(texts, timesteps)
                 recorded.calls.append((list(texts), torch.as_tensor(timesteps).double().tolist(), out))
+                recorded.foreseen.append(False)
+                recorded.passes.append(self.tsc_passes)
+                return out
+
+            def lookup(self, texts, timesteps):  # a foreseen call
+                out = super().lookup(texts, timesteps)
+                recorded.calls.append((list(texts), [float(t) for t in timesteps], out))
+                recorded.foreseen.append(True)
+                recorded.passes.append(self.tsc_passes)
                 return out
 
         monkeypatch.setattr(generation, "Conditioner", RecordingConditioner)
@@ -192,7 +211,7 @@ class Host:
         (``job=False``: as a nested generation, inside the job already running)."""
         from modules import processing, scripts, shared
 
-        self.recorded.calls.clear()
+        self.recorded.clear()
         args = ella_args() if args is None else args
         cls = processing.StableDiffusionProcessingImg2Img if img2img else processing.StableDiffusionProcessingTxt2Img
         self.script.args_to = 1 + len(args)
@@ -220,13 +239,16 @@ def fail_conditioner_at(monkeypatch, call: int, message="CUDA out of memory (sim
     """Make the conditioner raise at its ``call``-th call (1-based) of the generation, as an out-of-memory would."""
     from ella_ext.webui import generation
 
-    original = generation.Conditioner.__call__
     count = {"n": 0}
 
-    def flaky(self, texts, timesteps):
-        count["n"] += 1
-        if count["n"] == call:
-            raise RuntimeError(message)
-        return original(self, texts, timesteps)
+    def flaky(original):
+        def method(self, texts, timesteps):
+            count["n"] += 1
+            if count["n"] == call:
+                raise RuntimeError(message)
+            return original(self, texts, timesteps)
 
-    monkeypatch.setattr(generation.Conditioner, "__call__", flaky)
+        return method
+
+    for name in ("__call__", "lookup"):  # per call or foreseen: the n-th call of either fails
+        monkeypatch.setattr(generation.Conditioner, name, flaky(getattr(generation.Conditioner, name)))

@@ -80,10 +80,17 @@ def test_dpm2_midpoint_sigmas_give_fractional_timesteps(host):
         assert timesteps == pytest.approx(sigma_to_t(p, call), abs=1e-4)
 
 
-@pytest.mark.parametrize("sampler", ["DDIM", "PLMS", "UniPC"])
-def test_timestep_samplers_pass_timesteps_through(host, sampler):
-    host.run("a cube", steps=3, sampler_name=sampler)
-    assert [ts for _, ts, _ in host.recorded.calls] == [[999.0, 999.0], [667.0, 667.0], [334.0, 334.0]]
+@pytest.mark.parametrize("sampler, expected", [
+    ("DDIM", [999.0, 667.0, 334.0]),  # seen in a running A1111 1.10.1 (host-api.md section 9)
+    ("PLMS", [999.0, 667.0, 667.0, 334.0]),  # its first step evaluates the next timestep too
+    # over the 4 timesteps of 3 steps, at continuous times (t - 1/1000) * 1000: fractional
+    ("UniPC", [999.0, 749.25, 499.5, 249.75]),
+])
+def test_timestep_samplers_pass_timesteps_through(host, sampler, expected):
+    p, _ = host.run("a cube", steps=3, sampler_name=sampler)
+    fed = [sigma_in.double().tolist() for _, sigma_in, _, _ in p.denoisers[0].inner_calls]
+    assert [ts for _, ts, _ in host.recorded.calls] == fed  # what the UNet is fed, unchanged
+    assert [ts[0] for ts in fed] == pytest.approx(expected, abs=1e-3)
 
 
 def test_batch_with_a_prompt_and_negative_per_image(host, reference):

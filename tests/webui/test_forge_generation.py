@@ -88,13 +88,20 @@ def test_second_order_samplers(forge_host, sampler):
         assert timesteps == fed(p, call)  # classic too: not k-diffusion's fractional sigma_to_t
 
 
-@pytest.mark.parametrize("sampler", ["DDIM", "PLMS", "UniPC"])
-def test_timestep_samplers_hand_the_callback_real_sigmas(forge_host, sampler):
+@pytest.mark.parametrize("sampler, steps", [
+    ("DDIM", [999, 667, 334]),
+    ("PLMS", [999, 667, 667, 334]),  # its first step evaluates the next timestep too
+    ("UniPC", [999, 749, 500, 250]),  # 4 timesteps for 3 steps; 999, 749.25, 499.5, 249.75 rounded by Forge
+])
+def test_timestep_samplers_hand_the_callback_real_sigmas(forge_host, sampler, steps):
     p, _ = forge_host.run("a cube", steps=3, sampler_name=sampler)
-    sigmas = [float(chunks(p)[call][0].sigmas[0]) for call in range(3)]
-    # seen in a running Forge new: 14.614642, 2.929549, 0.935510 for DDIM with 3 steps (host-api.md section 10)
-    assert sigmas == pytest.approx([14.614642, 2.929549, 0.935510], abs=1e-4)
-    assert [ts for _, ts, _ in forge_host.recorded.calls] == [[999.0, 999.0], [667.0, 667.0], [334.0, 334.0]]
+    sigmas = [float(call[0].sigmas[0]) for call in chunks(p)]
+    if sampler == "DDIM":  # seen in a running Forge new: 14.614642, 2.929549, 0.935510 (host-api.md section 10)
+        assert sigmas == pytest.approx([14.614642, 2.929549, 0.935510], abs=1e-4)
+    acd = p.sd_model.alphas_cumprod
+    assert sigmas == pytest.approx([float(((1 - acd[t]) / acd[t]) ** 0.5) for t in steps], rel=1e-6)
+    assert [ts for _, ts, _ in forge_host.recorded.calls] == [[float(t)] * 2 for t in steps]
+    assert [fed(p, call) for call in range(len(steps))] == [[float(t)] * 2 for t in steps]
 
 
 def test_batch_with_a_prompt_and_negative_per_image(forge_host, reference):

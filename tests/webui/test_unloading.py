@@ -27,19 +27,22 @@ def fire(timer):
 
 
 def at_call(monkeypatch, call: int, action):
-    """Run ``action()`` at the conditioner's ``call``-th call (1-based) of each generation that follows."""
+    """Run ``action()`` at the conditioner's ``call``-th call (1-based, computed per call or foreseen)."""
     from ella_ext.webui import generation
 
-    original = generation.Conditioner.__call__
     count = {"n": 0}
 
-    def hooked(self, texts, timesteps):
-        count["n"] += 1
-        if count["n"] == call:
-            action()
-        return original(self, texts, timesteps)
+    def hooked(original):
+        def method(self, texts, timesteps):
+            count["n"] += 1
+            if count["n"] == call:
+                action()
+            return original(self, texts, timesteps)
 
-    monkeypatch.setattr(generation.Conditioner, "__call__", hooked)
+        return method
+
+    for name in ("__call__", "lookup"):
+        monkeypatch.setattr(generation.Conditioner, name, hooked(getattr(generation.Conditioner, name)))
 
 
 def die_in_the_unet_at_call(monkeypatch, call: int):
@@ -159,9 +162,11 @@ def test_a_nested_generation_leaves_the_outer_one_alone(host, loaded, monkeypatc
     at_call(monkeypatch, 1, inner)
     from ella_ext.webui import generation
 
-    original = generation.Conditioner.__call__
-    monkeypatch.setattr(generation.Conditioner, "__call__",
-                        lambda self, texts, t: outer_calls.append(texts) or original(self, texts, t))
+    for name in ("__call__", "lookup"):
+        original = getattr(generation.Conditioner, name)
+        monkeypatch.setattr(generation.Conditioner, name,
+                            lambda self, texts, t, original=original: outer_calls.append(texts) or original(self,
+                                                                                                            texts, t))
     p, processed = host.run("a red cube", steps=3)
     assert [texts[0] for texts in outer_calls] == ["a red cube", "a face", "a red cube", "a red cube"]
     assert "ELLA error" not in processed.infotexts[0] and f"ELLA: {CONNECTOR}" in processed.infotexts[0]

@@ -3,13 +3,16 @@
 ``process_images_inner``: ``scripts.process`` once; per batch ``n``: ``p.iteration = n``, ``p.prompts`` /
 ``p.negative_prompts`` sliced from ``all_prompts``, ``before_process_batch`` (tags still in the prompts),
 ``parse_extra_network_prompts`` (tags removed; for hires fix also from ``hr_prompts``), ``process_batch``,
-``setup_conds``, ``process_before_every_sampling``, the sampler, then for txt2img with hires fix ``sample_hr_pass``:
-``is_hr_pass = True``, ``save_intermediate`` per image (``create_infotext`` for an image saved before hires fix,
-when that setting is on; the double always makes it), a new sampler (``hr_sampler_name`` or the first pass's), the
-hires conds, ``before_hr``, ``process_before_every_sampling`` again, ``sample_img2img(steps=hr_second_pass_steps or
-steps)``, ``is_hr_pass = False``; then ``postprocess_batch`` and ``create_infotext`` per image; at the end
-``scripts.postprocess``, and the API or the UI answers with ``Processed.js()`` (JSON; a value it cannot hold
-becomes null).
+``setup_conds``, then ``p.sample``: txt2img creates its sampler (``p.sampler = create_sampler(...)``) and draws
+``x = p.rng.next()`` before ``process_before_every_sampling``, img2img created its sampler once in ``init()`` (before
+the batches) and samples from ``init_latent`` with ``p.rng.next()`` as noise; then for txt2img with hires fix
+``sample_hr_pass``: ``is_hr_pass = True``, ``save_intermediate`` per image (``create_infotext`` for an image saved
+before hires fix, when that setting is on; the double always makes it), a new sampler in ``p.sampler``
+(``hr_sampler_name`` or the first pass's), the hires conds, ``before_hr``, ``process_before_every_sampling`` again,
+``sample_img2img(steps=hr_second_pass_steps or steps)``, ``p.sampler = None``, ``is_hr_pass = False``; then
+``postprocess_batch`` and ``create_infotext`` per image; at the end ``scripts.postprocess``, and the API or the UI
+answers with ``Processed.js()`` (JSON; a value it cannot hold becomes null). ``p.rng`` (``rng.ImageRNG``, one per
+batch) is a seeded stand-in here.
 ``create_infotext``: a list value is indexed by the image, a callable gets the function's locals (``p``, ``index``).
 
 The double's "CLIP" gives each text a fixed pseudo-random ``[77 * k, C]`` tensor (``k`` = 75-token chunks, one per 75
@@ -24,14 +27,12 @@ import zlib
 import torch
 
 from modules import sd_samplers, shared
-from modules.sd_samplers_kdiffusion import KDiffusionSampler
-from modules.sd_samplers_timesteps import CompVisSampler
 
-re_extra_net = re.compile(r"<(\w+):([^>]+)>")  # host: modules/extra_networks.py
-re_AND = re.compile(r"\bAND\b")  # host: modules/prompt_parser.py
+re_extra_net = re.compile(r"<(\w+):([^>]+)>")  # extra_networks.py
+re_AND = re.compile(r"\bAND\b")  # prompt_parser.py
 
 
-def fake_clip(text, width, sign=0.0):  # double-only: the stand-in for CLIP (see the docstring)
+def fake_clip(text, width, sign=0.0):
     chunks = 1 + len(text.split()) // 75
     generator = torch.Generator().manual_seed(zlib.crc32(text.encode()))
     rows = torch.randn(77 * chunks, width, generator=generator)
@@ -40,7 +41,7 @@ def fake_clip(text, width, sign=0.0):  # double-only: the stand-in for CLIP (see
     return rows
 
 
-def conditioning_row(sd_model, text, sign=0.0):  # double-only: one prompt's conditioning from the stand-in CLIP
+def conditioning_row(sd_model, text, sign=0.0):
     width = sd_model.context_width
     crossattn = fake_clip(text, width, sign).to(torch.float16)
     if getattr(sd_model, "is_sdxl", False):
@@ -49,15 +50,21 @@ def conditioning_row(sd_model, text, sign=0.0):  # double-only: one prompt's con
     return crossattn
 
 
-def create_sampler(name, model):  # host: modules/sd_samplers.py
-    config = sd_samplers.find_sampler_config(name)
-    if config.family == "timesteps":
-        return CompVisSampler(config, model)
-    return KDiffusionSampler(config, model)
+class ImageRNG:
+    """Stands in for ``modules/rng.py`` ``ImageRNG``: ``next()`` gives the next noise for the batch's images."""
+
+    def __init__(self, shape, seeds):
+        self.shape = shape
+        self.generator = torch.Generator().manual_seed(int(seeds[0]) if seeds else 0)
+
+    def next(self):
+        return torch.randn(self.shape, generator=self.generator)
+
+
+LATENT = (4, 8, 8)  # the double's latent shape per image
 
 
 class Processed:
-    # double-simplified: built from p and the info texts only (no images, seeds or comments to carry)
     def __init__(self, p, infotexts):
         self.infotexts = infotexts
         self.info = infotexts[0] if infotexts else ""
@@ -70,13 +77,12 @@ class Processed:
 
 
 class StableDiffusionProcessing:
-    is_img2img = False  # double-only: which pass process_images runs (the host tells them apart by class)
+    is_img2img = False
 
-    # double-simplified: the host's is a dataclass of ~45 fields; this takes what the tests set, keyword-only, plus
-    # script_args (set by the host's UI/API code) and controlnet (the double's sd-webui-controlnet marker switch)
     def __init__(self, prompt, negative_prompt="", *, batch_size=1, n_iter=1, steps=4, sampler_name="Euler",
                  cfg_scale=7.0, script_args=(), enable_hr=False, hr_second_pass_steps=0, hr_prompt="",
-                 hr_negative_prompt="", hr_sampler_name=None, denoising_strength=0.5, controlnet=False):
+                 hr_negative_prompt="", hr_sampler_name=None, denoising_strength=0.5, controlnet=False, seed=1,
+                 scheduler="Automatic", hr_scheduler=None):
         self.prompt = prompt
         self.negative_prompt = negative_prompt
         self.batch_size = batch_size
@@ -92,6 +98,12 @@ class StableDiffusionProcessing:
         self.hr_sampler_name = hr_sampler_name
         self.denoising_strength = denoising_strength
         self.controlnet = controlnet
+        self.scheduler = scheduler
+        self.hr_scheduler = hr_scheduler
+        self.eta = None
+        self.sampler = None
+        self.rng = None
+        self.seeds = [seed + i for i in range(batch_size)]
         self.sd_model = shared.sd_model
         self.extra_generation_params = {}
         self.is_hr_pass = False
@@ -121,17 +133,18 @@ class StableDiffusionProcessing:
     def setup_conds(self):
         self.c, self.uc = self._conds(self.prompts, self.negative_prompts)
 
-
-class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
-    def calculate_hr_conds(self):  # Txt2Img's only, as in the host (modules/processing.py line 1499)
+    def calculate_hr_conds(self):
         self.hr_c, self.hr_uc = self._conds(self.hr_prompts, self.hr_negative_prompts)
 
 
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    pass
+
+
 class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
-    is_img2img = True  # double-only: see StableDiffusionProcessing
+    is_img2img = True
 
 
-# double-simplified: the image's index only; the host also takes the prompts, seeds and batch position
 def create_infotext(p, index):
     params = {"Steps": p.steps, "Sampler": p.sampler_name, **p.extra_generation_params}
     iteration = p.iteration  # noqa: F841 - part of the locals a callable value receives, as in the host
@@ -143,35 +156,45 @@ def create_infotext(p, index):
     return ", ".join(f"{k}: {v}" for k, v in params.items() if v is not None)
 
 
-def process_images(p, runner):  # double-simplified: the scripts' runner is passed in (the host's is p.scripts)
+def process_images(p, runner):
     runner.call("process", p)
     infotexts = []
     size = p.batch_size
+    if p.is_img2img:  # StableDiffusionProcessingImg2Img.init: one sampler for every batch
+        p.sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
+        p.init_latent = torch.zeros(size, *LATENT)
     for n in range(p.n_iter):
         p.iteration = n
         p.prompts = p.all_prompts[n * size:(n + 1) * size]
         p.negative_prompts = p.all_negative_prompts[n * size:(n + 1) * size]
+        p.rng = ImageRNG((size, *LATENT), p.seeds)
         runner.call("before_process_batch", p, batch_number=n, prompts=p.prompts, seeds=[], subseeds=[])
         p.parse_extra_network_prompts()
         runner.call("process_batch", p, batch_number=n, prompts=p.prompts, seeds=[], subseeds=[])
         p.setup_conds()
-        x = torch.zeros(size, 4, 8, 8)
-        runner.call("process_before_every_sampling", p, x=x, noise=x, c=p.c, uc=p.uc)
-        sampler = create_sampler(p.sampler_name, p.sd_model)
-        p.denoisers.append(sampler.model_wrap_cfg)
         if p.is_img2img:
-            sampler.sample_img2img(p, x, x, p.c, p.uc)
+            x = p.rng.next()
+            runner.call("process_before_every_sampling", p, x=p.init_latent, noise=x, c=p.c, uc=p.uc)
+            p.denoisers.append(p.sampler.model_wrap_cfg)
+            samples = p.sampler.sample_img2img(p, p.init_latent, x, p.c, p.uc)
         else:
-            sampler.sample(p, x, p.c, p.uc)
+            p.sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
+            x = p.rng.next()
+            runner.call("process_before_every_sampling", p, x=x, noise=x, c=p.c, uc=p.uc)
+            p.denoisers.append(p.sampler.model_wrap_cfg)
+            samples = p.sampler.sample(p, x, p.c, p.uc)
         if p.enable_hr and not p.is_img2img:
             p.is_hr_pass = True
             p.before_hires_infotexts += [create_infotext(p, n * size + i) for i in range(size)]  # save_intermediate
-            sampler = create_sampler(p.hr_sampler_name or p.sampler_name, p.sd_model)
-            p.denoisers.append(sampler.model_wrap_cfg)
+            p.rng = ImageRNG((size, *LATENT), p.seeds)
+            noise = p.rng.next()
+            p.sampler = sd_samplers.create_sampler(p.hr_sampler_name or p.sampler_name, p.sd_model)
+            p.denoisers.append(p.sampler.model_wrap_cfg)
             p.calculate_hr_conds()
             runner.call("before_hr", p)
-            runner.call("process_before_every_sampling", p, x=x, noise=x, c=p.hr_c, uc=p.hr_uc)
-            sampler.sample_img2img(p, x, x, p.hr_c, p.hr_uc, steps=p.hr_second_pass_steps or p.steps)
+            runner.call("process_before_every_sampling", p, x=samples, noise=noise, c=p.hr_c, uc=p.hr_uc)
+            p.sampler.sample_img2img(p, samples, noise, p.hr_c, p.hr_uc, steps=p.hr_second_pass_steps or p.steps)
+            p.sampler = None
             p.is_hr_pass = False
         runner.call("postprocess_batch", p, images=x, batch_number=n)
         infotexts += [create_infotext(p, n * size + i) for i in range(size)]

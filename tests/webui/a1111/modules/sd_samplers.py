@@ -1,32 +1,23 @@
-"""Imitates ``modules/sd_samplers.py`` + ``modules/sd_samplers_common.py`` (A1111 v1.10.1): ``find_sampler_config``
-and ``SamplerData.total_steps`` (doubled for samplers whose options say ``second_order``)."""
+"""Imitates ``modules/sd_samplers.py`` (A1111 v1.10.1): ``all_samplers`` = the k-diffusion, timestep and LCM
+samplers' ``SamplerData`` (``sd_samplers_kdiffusion.samplers_data_k_diffusion``,
+``sd_samplers_timesteps.samplers_data_timesteps``, ``sd_samplers_lcm.samplers_data_lcm``: each constructor builds
+its module's sampler class); ``find_sampler_config(name)``; ``create_sampler(name, model)`` builds the sampler with
+its config's constructor and sets ``sampler.config``. (The double's constructors find the sampler classes when they
+are called, so a Forge double's classes are the ones built.)"""
 
-from dataclasses import dataclass, field
-
-
-# double-simplified: the host's is a namedtuple (name, constructor, aliases, options); the double builds a sampler
-# from its family instead of calling a constructor, and needs no aliases
-@dataclass
-class SamplerData:
-    name: str
-    family: str  # double-only: "k-diffusion" or "timesteps", which sampler class create_sampler builds
-    options: dict = field(default_factory=dict)
-
-    def total_steps(self, steps):
-        if self.options.get("second_order", False):
-            steps = steps * 2
-        return steps
+from modules import sd_samplers_common, sd_samplers_kdiffusion, sd_samplers_lcm, sd_samplers_timesteps
 
 
-# a few of the host's samplers (sd_samplers_kdiffusion.samplers_k_diffusion, sd_samplers_timesteps.samplers_timesteps)
+def _data(samplers, module, class_name):
+    return [sd_samplers_common.SamplerData(label, lambda model, f=funcname: getattr(module, class_name)(f, model),
+                                           aliases, options)
+            for label, funcname, aliases, options in samplers]
+
+
 all_samplers = [
-    SamplerData("Euler", "k-diffusion"),
-    SamplerData("Euler a", "k-diffusion", {"uses_ensd": True}),
-    SamplerData("Heun", "k-diffusion", {"second_order": True}),
-    SamplerData("DPM2", "k-diffusion", {"discard_next_to_last_sigma": True, "second_order": True}),
-    SamplerData("DDIM", "timesteps"),
-    SamplerData("PLMS", "timesteps"),
-    SamplerData("UniPC", "timesteps"),
+    *_data(sd_samplers_kdiffusion.samplers_k_diffusion, sd_samplers_kdiffusion, "KDiffusionSampler"),
+    *_data(sd_samplers_timesteps.samplers_timesteps, sd_samplers_timesteps, "CompVisSampler"),
+    *_data(sd_samplers_lcm.samplers_lcm, sd_samplers_lcm, "LCMSampler"),
 ]
 all_samplers_map = {x.name: x for x in all_samplers}
 
@@ -35,3 +26,11 @@ def find_sampler_config(name):
     if name is not None:
         return all_samplers_map.get(name)
     return all_samplers[0]
+
+
+def create_sampler(name, model):
+    config = find_sampler_config(name)
+    assert config is not None, f"bad sampler name: {name}"
+    sampler = config.constructor(model)
+    sampler.config = config
+    return sampler

@@ -1,12 +1,21 @@
-"""Imitates ``modules/sd_samplers_timesteps.py`` + ``sd_samplers_timesteps_impl.py`` (A1111 v1.10.1): DDIM, PLMS and
-UniPC pass DDPM timesteps where k-diffusion passes sigmas. ``get_timesteps``: ``clip(range(0, 1000, 1000 // steps)
-+ 1, 0, 999)``; the sampler calls the denoiser at ``timesteps[index]`` for index from the last down to 1 (txt2img)
-and over ``timesteps[:t_enc]`` the same way (img2img)."""
+"""Imitates ``modules/sd_samplers_timesteps.py`` (A1111 v1.10.1): DDIM, PLMS and UniPC pass DDPM timesteps where
+k-diffusion passes sigmas. ``CompVisSampler.get_timesteps``: ``clip(range(0, 1000, 1000 // steps) + 1, 0, 999)``;
+``sample`` passes them all, ``sample_img2img`` ``timesteps[:t_enc]`` (and ``is_img2img``), through
+``launch_sampling(steps, lambda: self.func(self.model_wrap_cfg, x, extra_args=..., disable=False,
+callback=self.callback_state, timesteps=...))``; the functions are ``sd_samplers_timesteps_impl``'s."""
+
+import inspect
 
 import torch
 
-from modules.sd_samplers_cfg_denoiser import CFGDenoiser, state
-from modules.sd_samplers_kdiffusion import setup_img2img_steps
+from modules import sd_samplers_common, sd_samplers_timesteps_impl
+from modules.sd_samplers_cfg_denoiser import CFGDenoiser
+
+samplers_timesteps = [
+    ("DDIM", sd_samplers_timesteps_impl.ddim, ["ddim"], {}),
+    ("PLMS", sd_samplers_timesteps_impl.plms, ["plms"], {}),
+    ("UniPC", sd_samplers_timesteps_impl.unipc, ["unipc"], {}),
+]
 
 
 class CFGDenoiserTimesteps(CFGDenoiser):
@@ -15,37 +24,42 @@ class CFGDenoiserTimesteps(CFGDenoiser):
         return None
 
 
-class CompVisSampler:
-    # double-only: the host builds this class in __init__; a Forge double puts its own here
-    denoiser_class = CFGDenoiserTimesteps
+class CompVisSampler(sd_samplers_common.Sampler):
+    denoiser_class = CFGDenoiserTimesteps  # the host builds this class here; a Forge double puts its own
 
-    # double-simplified: takes the SamplerData, where the host takes its funcname
-    def __init__(self, config, sd_model):
-        self.config = config
+    def __init__(self, funcname, sd_model):
+        super().__init__(funcname)
+        self.eta_option_field = "eta_ddim"
+        self.eta_default = 0.0
         self.model_wrap_cfg = self.denoiser_class(self)
+        self.model_wrap = self.model_wrap_cfg.inner_model
 
     @staticmethod
     def get_timesteps(p, steps):
         return torch.clip(torch.asarray(list(range(0, 1000, 1000 // steps))) + 1, 0, 999)
 
+    def _run(self, p, x, steps, timesteps, conditioning, unconditional_conditioning, **extra):
+        extra_params_kwargs = self.initialize(p)
+        parameters = inspect.signature(self.func).parameters
+        extra_params_kwargs["timesteps"] = timesteps
+        if "is_img2img" in parameters and extra:
+            extra_params_kwargs["is_img2img"] = True
+        self.last_latent = x
+        self.sampler_extra_args = {"cond": conditioning, "image_cond": torch.zeros(x.shape[0], 5, 1, 1),
+                                   "uncond": unconditional_conditioning, "cond_scale": p.cfg_scale,
+                                   "s_min_uncond": self.s_min_uncond}
+        return self.launch_sampling(steps, lambda: self.func(
+            self.model_wrap_cfg, x, extra_args=self.sampler_extra_args, disable=False, callback=self.callback_state,
+            **extra_params_kwargs))
+
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         steps = steps or p.steps
-        return self._run(p, x, self.get_timesteps(p, steps), steps, conditioning, unconditional_conditioning)
+        return self._run(p, x, steps, self.get_timesteps(p, steps), conditioning, unconditional_conditioning)
 
     def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None,
                        image_conditioning=None):
-        steps, t_enc = setup_img2img_steps(p, steps)
-        return self._run(p, x, self.get_timesteps(p, steps)[:t_enc], steps, conditioning, unconditional_conditioning)
+        steps, t_enc = sd_samplers_common.setup_img2img_steps(p, steps)
+        timesteps = self.get_timesteps(p, steps)
+        return self._run(p, x + noise, t_enc + 1, timesteps[:t_enc], conditioning, unconditional_conditioning,
+                         img2img=True)
 
-    def _run(self, p, x, timesteps, steps, cond, uncond):
-        denoiser = self.model_wrap_cfg
-        denoiser.p = p
-        denoiser.steps = steps
-        denoiser.total_steps = self.config.total_steps(steps)
-        state.sampling_step = 0
-        image_cond = torch.zeros(x.shape[0], 5, 1, 1)
-        for i, index in enumerate(range(len(timesteps) - 1, 0, -1)):
-            t = timesteps[index].float().repeat(x.shape[0])
-            denoiser(x, t, uncond, cond, p.cfg_scale, 0.0, image_cond)
-            state.sampling_step = i
-        return x

@@ -8,6 +8,7 @@ from hostlayers import a1111_module
 from modules import shared
 
 base = a1111_module("sd_samplers_timesteps")
+samplers_timesteps = base.samplers_timesteps
 
 
 class CompVisTimestepsDenoiser:

@@ -64,6 +64,7 @@ __all__ = [
     "clean_text",
     "emphasis_weights",
     "llm_text",
+    "plain_text",
     "prompt_schedule",
     "split_and",
     "strip_extra_networks",
@@ -460,3 +461,8 @@ def llm_text(text: str) -> tuple[str | WeightedText, list[float]]:
     if all(weight == 1.0 for weight in clamped):
         return cleaned, out_of_range
     return WeightedText(cleaned, clamped), out_of_range
+
+
+def plain_text(text: str | WeightedText) -> str:
+    """The words the LLM reads, with or without weights."""
+    return text.text if isinstance(text, WeightedText) else text

@@ -11,12 +11,16 @@ steps)``, ``is_hr_pass = False``; then ``postprocess_batch`` and ``create_infote
 ``scripts.postprocess``, and the API or the UI answers with ``Processed.js()`` (JSON; a value it cannot hold
 becomes null).
 ``create_infotext``: a list value is indexed by the image, a callable gets the function's locals (``p``, ``index``).
+``process_images`` applies ``p.override_settings`` (the API's ``override_settings``, the UI's "Override settings", the
+XYZ plot's setting axes) with ``opts.set`` before anything else runs, and restores the previous values afterwards
+(``override_settings_restore_afterwards``, True by default).
 
 The double's "CLIP" gives each text a fixed pseudo-random ``[77 * k, C]`` tensor (``k`` = 75-token chunks, one per 75
 words); SDXL rows are ``{"crossattn", "vector"}``. With ``controlnet=True`` every row gets sd-webui-controlnet's
 marker token first (``scripts/hook.py`` ``mark_prompt_context``: +1024 for cond rows, -1024 for uncond rows).
 """
 
+import contextlib
 import json
 import re
 import zlib
@@ -76,7 +80,8 @@ class StableDiffusionProcessing:
     # script_args (set by the host's UI/API code) and controlnet (the double's sd-webui-controlnet marker switch)
     def __init__(self, prompt, negative_prompt="", *, batch_size=1, n_iter=1, steps=4, sampler_name="Euler",
                  cfg_scale=7.0, script_args=(), enable_hr=False, hr_second_pass_steps=0, hr_prompt="",
-                 hr_negative_prompt="", hr_sampler_name=None, denoising_strength=0.5, controlnet=False):
+                 hr_negative_prompt="", hr_sampler_name=None, denoising_strength=0.5, controlnet=False,
+                 override_settings=None):
         self.prompt = prompt
         self.negative_prompt = negative_prompt
         self.batch_size = batch_size
@@ -92,6 +97,7 @@ class StableDiffusionProcessing:
         self.hr_sampler_name = hr_sampler_name
         self.denoising_strength = denoising_strength
         self.controlnet = controlnet
+        self.override_settings = dict(override_settings or {})
         self.sd_model = shared.sd_model
         self.extra_generation_params = {}
         self.is_hr_pass = False
@@ -143,7 +149,25 @@ def create_infotext(p, index):
     return ", ".join(f"{k}: {v}" for k, v in params.items() if v is not None)
 
 
+@contextlib.contextmanager
+def _overridden_settings(p):
+    opts = shared.opts
+    stored = {key: opts.data[key] for key in p.override_settings if key in opts.data}
+    for key, value in p.override_settings.items():
+        opts.set(key, value, is_api=True, run_callbacks=False)
+    try:
+        yield
+    finally:
+        for key, value in stored.items():
+            setattr(opts, key, value)
+
+
 def process_images(p, runner):  # double-simplified: the scripts' runner is passed in (the host's is p.scripts)
+    with _overridden_settings(p):
+        return _process_images_inner(p, runner)
+
+
+def _process_images_inner(p, runner):
     runner.call("process", p)
     infotexts = []
     size = p.batch_size

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import InputError
-from .prompts import WeightedText
+from .prompts import WeightedText, plain_text
 
 log = logging.getLogger("ella")
 
@@ -54,7 +54,7 @@ class Conditioner:
         new = list(dict.fromkeys(t for t in texts if t not in self._index))
         if not new:
             return
-        features, mask = self.encoder.encode([_words(t) for t in new], self.max_length)
+        features, mask = self.encoder.encode([plain_text(t) for t in new], self.max_length)
         self._add_weights(new, features.shape[1])
         features = features.to(self.connector.device, self.connector.dtype)
         mask = mask.to(self.connector.device)
@@ -83,7 +83,7 @@ class Conditioner:
 
     def needs_llm(self, texts: Sequence[str | WeightedText]) -> bool:
         """Whether ``prepare(texts)`` would run the LLM (some text is neither prepared nor in the encoder's cache)."""
-        new = [_words(t) for t in dict.fromkeys(texts) if t not in self._index]
+        new = [plain_text(t) for t in dict.fromkeys(texts) if t not in self._index]
         return bool(new) and not self.encoder.is_cached(new, self.max_length)
 
     def _row_map(self, texts: Sequence[str | WeightedText]) -> list[int]:
@@ -195,11 +195,6 @@ def _as_floats(timesteps, rows: int | None) -> list[float]:
         elif len(values) != rows:
             raise InputError(f"Give one timestep or one per row: got {len(values)} timesteps for {rows} rows.")
     return values
-
-
-def _words(text: str | WeightedText) -> str:
-    """What the LLM reads for a row's text."""
-    return text.text if isinstance(text, WeightedText) else text
 
 
 def _pad_ones(weights: torch.Tensor, width: int) -> torch.Tensor:

@@ -14,6 +14,10 @@
   pass over the pairs it has not computed yet; identical rows are computed once, and a pair seen earlier in the
   generation is reused from a bounded cache.
 - Results stay on the connector's device; no host-to-device copy of features after ``prepare``.
+- A text is a ``str`` or a ``prompts.WeightedText`` (the same text with an emphasis per word): the key of a row is
+  the text with its weights, so the same words with other weights are another row, while the LLM encodes the words
+  once. A pass whose texts carry no weights hands the connector none (no extra work); a pass with some hands it
+  ``[pairs, tokens]`` weights from the CPU, 1 for the rows without.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import InputError
+from .prompts import WeightedText, plain_text
 
 log = logging.getLogger("ella")
 
@@ -46,6 +51,8 @@ class Conditioner:
         self._features: torch.Tensor | None = None  # [texts, S, D] on the connector's device
         self._mask: torch.Tensor | None = None
         self._lengths: list[int] = []  # real tokens per text, kept on the host so no call has to sync for it
+        self._weights: torch.Tensor | None = None  # [texts, S] on the CPU: each token's emphasis (1: none)
+        self._weighted: list[bool] = []  # per text: whether any of its weights differs from 1
         self._rows: dict[tuple[str, ...], list[int]] = {}
         self._pairs: OrderedDict[Key, torch.Tensor] = OrderedDict()  # pairs computed per call (bounded)
         # the arrangement of the current pass
@@ -60,12 +67,13 @@ class Conditioner:
 
     # -- texts ---------------------------------------------------------------------------------------------------------
 
-    def prepare(self, texts: Sequence[str]) -> None:
+    def prepare(self, texts: Sequence[str | WeightedText]) -> None:
         """Encode the texts not seen yet in one LLM batch and keep their features on the connector's device."""
         new = list(dict.fromkeys(t for t in texts if t not in self._index))
         if not new:
             return
-        features, mask = self.encoder.encode(new, self.max_length)
+        features, mask = self.encoder.encode([plain_text(t) for t in new], self.max_length)
+        self._add_weights(new, features.shape[1])
         features = features.to(self.connector.device, self.connector.dtype)
         mask = mask.to(self.connector.device)
         if self._features is None:
@@ -77,12 +85,26 @@ class Conditioner:
         self._lengths += mask.sum(dim=1).tolist()
         self._rows.clear()
 
-    def needs_llm(self, texts: Sequence[str]) -> bool:
+    def _add_weights(self, new: list[str | WeightedText], tokens: int) -> None:
+        """The token weights of the new texts (computed once per text, here, beside the encoding)."""
+        weights = torch.ones(len(new), tokens)
+        for row, text in enumerate(new):
+            if isinstance(text, WeightedText):
+                found = self.encoder.token_weights(text.text, text.weights, self.max_length)
+                weights[row, : found.shape[0]] = found
+        self._weighted += (weights != 1).any(dim=1).tolist()
+        if self._weights is None:
+            self._weights = weights
+        else:
+            width = max(self._weights.shape[1], tokens)
+            self._weights = torch.cat([_pad_ones(self._weights, width), _pad_ones(weights, width)])
+
+    def needs_llm(self, texts: Sequence[str | WeightedText]) -> bool:
         """Whether ``prepare(texts)`` would run the LLM (some text is neither prepared nor in the encoder's cache)."""
-        new = [t for t in dict.fromkeys(texts) if t not in self._index]
+        new = [plain_text(t) for t in dict.fromkeys(texts) if t not in self._index]
         return bool(new) and not self.encoder.is_cached(new, self.max_length)
 
-    def _row_map(self, texts: Sequence[str]) -> list[int]:
+    def _row_map(self, texts: Sequence[str | WeightedText]) -> list[int]:
         """The text index of each row (memoised per tuple of row texts)."""
         key = tuple(texts)
         found = self._rows.get(key)
@@ -93,7 +115,9 @@ class Conditioner:
 
     # -- per call ------------------------------------------------------------------------------------------------------
 
-    def __call__(self, texts: Sequence[str], timesteps: torch.Tensor | Sequence[float] | float) -> torch.Tensor:
+    def __call__(
+        self, texts: Sequence[str | WeightedText], timesteps: torch.Tensor | Sequence[float] | float
+    ) -> torch.Tensor:
         """Context rows for each (text, timestep) row: ``[rows, latents, out_width]`` on the connector's device."""
         if isinstance(texts, str) or not texts:
             raise InputError("The conditioner takes a non-empty list of texts, one per row.")
@@ -232,8 +256,12 @@ class Conditioner:
         if self.max_length is None:  # flexible: mask the padding, and cut it down to this pass's longest text
             longest = max(self._lengths[i] for i, _ in pairs)
             features, mask = features[:, :longest], self._mask.index_select(0, text_index)[:, :longest]
+        weights = None
+        if any(self._weighted[i] for i, _ in pairs):  # else none: an unweighted pass costs nothing extra
+            rows = torch.tensor([i for i, _ in pairs])
+            weights = self._weights.index_select(0, rows)[:, : features.shape[1]]
         with torch.inference_mode():
-            out = self.connector(features, timesteps, mask)
+            out = self.connector(features, timesteps, mask, weights)
         self.tsc_passes += 1
         self.tsc_pairs += len(pairs)
         return out
@@ -279,8 +307,9 @@ class Conditioner:
 
     def release(self) -> None:
         """Drop everything this generation holds (call after the generation)."""
-        self._features = self._mask = None
+        self._features = self._mask = self._weights = None
         self._lengths = []
+        self._weighted = []
         self._index.clear()
         self._rows.clear()
         self._pairs.clear()
@@ -306,6 +335,10 @@ def _as_floats(timesteps, rows: int | None) -> list[float]:
         elif len(values) != rows:
             raise InputError(f"Give one timestep or one per row: got {len(values)} timesteps for {rows} rows.")
     return values
+
+
+def _pad_ones(weights: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(weights, (0, width - weights.shape[1]), value=1.0)
 
 
 def _concat_padded(a: torch.Tensor, a_mask: torch.Tensor, b: torch.Tensor, b_mask: torch.Tensor):

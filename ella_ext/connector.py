@@ -15,6 +15,12 @@ The arithmetic is the reference's, arranged for fewer, larger kernels per call:
   block: the result is the same because the text features are not updated between blocks);
 - attention runs through ``scaled_dot_product_attention`` with an optional mask of the real text positions, so a
   batch of prompts of different lengths gives, row by row, what each prompt gives alone without padding.
+
+Emphasis: optional ``weights [B, S]`` (one per text token, >= 0) multiply each text key's unnormalised attention
+probability, in every block and head: a ``log w`` bias on its logits, folded with the mask into ONE additive bias
+built once per call (a masked position is a weight of 0, ``-inf``). The latents' keys keep weight 1. All-ones weights
+are the same as none: the same kernels, bit-identical output (the check runs where the weights are, so weights on
+the CPU cost the accelerator nothing).
 """
 
 from __future__ import annotations
@@ -191,7 +197,7 @@ class _Resampler(nn.Module):
 
 
 class Connector(nn.Module):
-    """The TSC. ``forward(features, timesteps, mask=None)`` -> ``[B, latents, out_width]``."""
+    """The TSC. ``forward(features, timesteps, mask=None, weights=None)`` -> ``[B, latents, out_width]``."""
 
     def __init__(self, config: ConnectorConfig | None = None):
         super().__init__()
@@ -237,8 +243,13 @@ class Connector(nn.Module):
         features: torch.Tensor,
         timesteps: torch.Tensor | float | int,
         mask: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``features [B, S, in_width]``; one timestep or one per row; ``mask [B, S]`` (True: a real token; None:
+        every position is attended, as the reference's fixed length); ``weights [B, S]``: the attention weight of
+        each text token (emphasis; None or all ones: none)."""
         features, timesteps, mask = self._check_inputs(features, timesteps, mask)
+        weights = self._check_weights(weights, features)
         cfg, res = self.config, self.connector
         batch, width = features.shape[0], cfg.width
 
@@ -253,7 +264,7 @@ class Connector(nn.Module):
 
         text = res.proj_in(features) if cfg.input_dim is not None else features
         text = F.layer_norm(text, (width,), eps=LAYERNORM_EPS)
-        attn_mask = self._attention_mask(mask, cfg.num_latents)
+        attn_mask = self._attention_mask(mask, cfg.num_latents, weights, self.dtype)
         latents = res.latents[None] + start_shift
 
         for i, block in enumerate(res.perceiver_blocks):
@@ -280,12 +291,38 @@ class Connector(nn.Module):
         return block.attn.out_proj(out.transpose(1, 2).flatten(2))
 
     @staticmethod
-    def _attention_mask(mask: torch.Tensor | None, num_latents: int) -> torch.Tensor | None:
-        """[B, 1, 1, latents + S] boolean, True where a key may be attended; the latents always may."""
-        if mask is None:
+    def _attention_mask(
+        mask: torch.Tensor | None, num_latents: int, weights: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor | None:
+        """[B, 1, 1, latents + S]: without weights, boolean, True where a key may be attended (the latents always
+        may); with weights, the additive bias ``log w`` (``-inf`` where the mask is False or w is 0; 0 on the
+        latents) in the attention's dtype."""
+        if weights is None:
+            if mask is None:
+                return None
+            keep = torch.ones(mask.shape[0], num_latents, dtype=torch.bool, device=mask.device)
+            return torch.cat([keep, mask], dim=1)[:, None, None, :]
+        bias = weights.log()  # log 0 = -inf: the key is removed
+        if mask is not None:
+            bias = bias.masked_fill(~mask, float("-inf"))
+        return F.pad(bias, (num_latents, 0)).to(dtype)[:, None, None, :]
+
+    @staticmethod
+    def _check_weights(weights: torch.Tensor | None, features: torch.Tensor) -> torch.Tensor | None:
+        """The weights as float32 on the features' device, or None when there are none or all are 1. The checks
+        run on the weights' own device (on the CPU: no accelerator work; on an accelerator: one sync)."""
+        if weights is None:
             return None
-        keep = torch.ones(mask.shape[0], num_latents, dtype=torch.bool, device=mask.device)
-        return torch.cat([keep, mask], dim=1)[:, None, None, :]
+        shape = features.shape[:2]
+        if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != tuple(shape):
+            got = list(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+            raise InputError(f"The weights must be [batch, tokens] = {list(shape)}; got {got}.")
+        weights = weights.to(torch.float32)
+        not_one, bad = torch.stack([(weights != 1).any(), ~((weights >= 0) & (weights < math.inf)).all()]).tolist()
+        if bad:
+            raise InputError("The attention weights must be finite and at least 0 (0 removes a token).")
+        return weights.to(features.device) if not_one else None
 
     def _check_inputs(
         self, features: torch.Tensor, timesteps: torch.Tensor | float | int, mask: torch.Tensor | None

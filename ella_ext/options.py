@@ -21,6 +21,11 @@ FLEXIBLE, FIXED = "Flexible", "Fixed"
 ELLA_ONLY, ELLA_AND_CLIP = "ELLA only", "ELLA + CLIP"
 NEGATIVE_LLM, NEGATIVE_EMPTY = "LLM", "Empty"
 
+# The WebUI setting "Emphasis in the LLM prompt" (not a per-generation control: a setting, as the host's own emphasis
+# mode, so that the info text, pasting and the XYZ plot treat it as the host treats its settings).
+EMPHASIS_ATTENTION, EMPHASIS_OFF = "attention", "off"
+EMPHASIS_MODES = (EMPHASIS_ATTENTION, EMPHASIS_OFF)
+
 TOKEN_LENGTHS = (FLEXIBLE, FIXED)
 CLIP_MODES = (ELLA_ONLY, ELLA_AND_CLIP)
 NEGATIVE_MODES = (NEGATIVE_LLM, NEGATIVE_EMPTY)
@@ -121,6 +126,16 @@ _PARSERS = {
     "llm_prompt": _text,
     "hires": _bool,
 }
+
+
+def emphasis_mode(value: Any) -> str:
+    """The emphasis setting's value (``attention`` or ``off``, any case), or InputError."""
+    if isinstance(value, str) and value.strip().lower() in EMPHASIS_MODES:
+        return value.strip().lower()
+    raise InputError(
+        f"ELLA: the setting 'Emphasis in the LLM prompt' must be {' or '.join(repr(m) for m in EMPHASIS_MODES)}, "
+        f"not {value!r}."
+    )
 
 
 def from_mapping(values: Mapping[str, Any]) -> ELLAOptions:

@@ -2,7 +2,8 @@
 
 - ``PassTexts``: for one sampling pass (first pass or hires), the LLM text of every cond row (one per ``AND``
   sub-prompt, image by image, in the host's order) and of every uncond row, at any sampler call; schedules are parsed
-  once per pass, so a call only looks texts up.
+  once per pass, so a call only looks texts up. With emphasis on, a text whose words do not all weigh 1 is a
+  ``WeightedText``.
 - ``row_timesteps``: the timestep of each cond and uncond row, whether the host stacks cond and uncond rows in its
   sigma (A1111) or gives one sigma per image (Forge).
 - ``assemble``: ELLA rows -> the host's context tensor (CLIP concatenated or not, ControlNet's marker row kept,
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
-from .prompts import clean_text, prompt_schedule, split_and, strip_extra_networks
+from .prompts import WeightedText, clean_text, llm_text, prompt_schedule, split_and, strip_extra_networks
 
 # sd-webui-controlnet marks every context row with a first token of +-1024 (scripts/hook.py, POSITIVE_MARK_TOKEN).
 CONTROLNET_MARK = 1024.0
@@ -27,18 +28,28 @@ CONTROLNET_MARK = 1024.0
 class Schedule:
     """One row's ``(end_step, LLM text)`` entries, as the host resolves them at a call's step."""
 
-    entries: tuple[tuple[int, str], ...]
+    entries: tuple[tuple[int, str | WeightedText], ...]
 
-    def at(self, step: int) -> str:
+    def at(self, step: int) -> str | WeightedText:
         for end, text in self.entries:
             if step <= end:
                 return text
         return self.entries[0][1]  # the host's answer past the last entry
 
 
-def _schedule(text: str, steps: int, hires_steps: int | None, use_old_scheduling: bool) -> Schedule:
+def _schedule(text: str, steps: int, hires_steps: int | None, use_old_scheduling: bool, emphasis: bool,
+              out_of_range: list[float]) -> Schedule:
+    """The row's schedule; with ``emphasis``, the multipliers outside the allowed range are added to
+    ``out_of_range`` (they are clamped)."""
     entries = prompt_schedule(text, steps, hires_steps, use_old_scheduling)
-    return Schedule(tuple((end, clean_text(part)) for end, part in entries))
+    if not emphasis:
+        return Schedule(tuple((end, clean_text(part)) for end, part in entries))
+    texts = []
+    for end, part in entries:
+        found, clamped = llm_text(part)
+        out_of_range += clamped
+        texts.append((end, found))
+    return Schedule(tuple(texts))
 
 
 class PassTexts:
@@ -49,6 +60,8 @@ class PassTexts:
     pass: the first pass's total steps and the hires pass's). ``llm_prompt``: a separate prompt for the LLM; per image,
     an ``AND`` part of it replaces the same part of the prompt when both have as many parts, and a single-part LLM
     prompt replaces every part. ``empty_negative``: uncond rows read the empty string (the reference's setting).
+    ``emphasis``: the prompt's emphasis weights the connector's attention to each word (``prompts.llm_text``); the
+    multipliers that had to be clamped are in ``out_of_range``.
     """
 
     def __init__(
@@ -61,9 +74,12 @@ class PassTexts:
         llm_prompt: str = "",
         empty_negative: bool = False,
         use_old_scheduling: bool = False,
+        emphasis: bool = False,
     ):
+        self.out_of_range: list[float] = []
+
         def schedule(text: str) -> Schedule:
-            return _schedule(text, steps, hires_steps, use_old_scheduling)
+            return _schedule(text, steps, hires_steps, use_old_scheduling, emphasis, self.out_of_range)
 
         self.cond: list[list[Schedule]] = [
             [schedule(part) for part in _llm_parts(prompt, llm_prompt)] for prompt in prompts
@@ -73,7 +89,7 @@ class PassTexts:
         self.counts = [len(parts) for parts in self.cond]
         self.max_calls = steps if hires_steps is None else hires_steps  # the most denoiser calls the pass makes
         self._rows = [row for parts in self.cond for row in parts]
-        self._at: dict[int, tuple[list[str], list[str]]] = {}
+        self._at: dict[int, tuple[list[str | WeightedText], list[str | WeightedText]]] = {}
 
     @property
     def cond_rows(self) -> int:
@@ -83,14 +99,14 @@ class PassTexts:
     def uncond_rows(self) -> int:
         return len(self.uncond)
 
-    def at(self, step: int) -> tuple[list[str], list[str]]:
+    def at(self, step: int) -> tuple[list[str | WeightedText], list[str | WeightedText]]:
         """``(cond texts, uncond texts)`` at the host's step counter (memoised: a pass has few steps)."""
         found = self._at.get(step)
         if found is None:
             found = self._at[step] = ([r.at(step) for r in self._rows], [r.at(step) for r in self.uncond])
         return found
 
-    def every_text(self) -> list[str]:
+    def every_text(self) -> list[str | WeightedText]:
         """Every text any call of this pass can ask for, each once (to encode them all before sampling)."""
         texts = (text for row in [*self._rows, *self.uncond] for _, text in row.entries)
         return list(dict.fromkeys(texts))

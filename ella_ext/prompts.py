@@ -19,6 +19,9 @@ Public names
     The cleaned text and one emphasis multiplier per word of it.
 ``clean_text(text) -> str``
     Emphasis brackets, escapes and BREAK removed, whitespace normalised.
+``llm_text(text) -> tuple[str | WeightedText, list[float]]``
+    What the LLM reads with emphasis on: the clean text alone when every word weighs 1, else a ``WeightedText``
+    (weights clamped to ``[0, MAX_EMPHASIS]``); and the weights that were out of range.
 
 Steps
 -----
@@ -50,13 +53,18 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ella_ext.errors import InputError
 
 __all__ = [
+    "MAX_EMPHASIS",
+    "WeightedText",
     "attention_segments",
     "clean_text",
     "emphasis_weights",
+    "llm_text",
+    "plain_text",
     "prompt_schedule",
     "split_and",
     "strip_extra_networks",
@@ -428,3 +436,33 @@ def _word_weight(word: list[tuple[str, float]]) -> float:
 def clean_text(text: str) -> str:
     """The text with emphasis brackets, escapes and BREAK removed and whitespace normalised."""
     return emphasis_weights(text)[0]
+
+
+# ------------------------------------------------------------------------------------------------ emphasis for ELLA
+
+MAX_EMPHASIS = 10.0  # a word weighs at most this much in the connector's attention (and at least 0)
+
+
+class WeightedText(NamedTuple):
+    """A text for the LLM and the emphasis of each of its space-separated words (the connector's attention to the
+    word's tokens is multiplied by it). A text whose words all weigh 1 is passed as a plain ``str`` instead, so that
+    ``(red:1) cube`` and ``red cube`` are one text."""
+
+    text: str
+    weights: tuple[float, ...]
+
+
+def llm_text(text: str) -> tuple[str | WeightedText, list[float]]:
+    """What the LLM reads for ``text`` with emphasis on, and the multipliers outside ``[0, MAX_EMPHASIS]`` that were
+    clamped into it (a negative one to 0: attention cannot be negative)."""
+    cleaned, weights = emphasis_weights(text)
+    out_of_range = [weight for weight in weights if not 0.0 <= weight <= MAX_EMPHASIS]
+    clamped = tuple(min(max(weight, 0.0), MAX_EMPHASIS) for weight in weights)
+    if all(weight == 1.0 for weight in clamped):
+        return cleaned, out_of_range
+    return WeightedText(cleaned, clamped), out_of_range
+
+
+def plain_text(text: str | WeightedText) -> str:
+    """The words the LLM reads, with or without weights."""
+    return text.text if isinstance(text, WeightedText) else text

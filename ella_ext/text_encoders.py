@@ -12,13 +12,25 @@ Precision: fp16 on CUDA by default (the connector was trained against fp16 T5), 
 on request. A non-finite output (flan-T5 can overflow in fp16) is recomputed in fp32, with a warning.
 Features are returned as float32 on the model's device (the connector casts them to its own dtype) and cached in
 CPU memory, in a bounded LRU by (model, text, length mode).
+
+Emphasis: ``token_weights(text, word_weights, max_length)`` gives each token of that row the weight of the
+space-separated word it comes from (special tokens and padding: 1), for the connector's attention. The token-to-word
+alignment is made word by word: the tokens of the text's first k words are the tokens of the whole text that the
+prefix ending at word k also gives (exact for every tokenizer whose tokens do not cross a space; a token that does
+goes to the later word). A fast tokenizer's character offsets are used only where that fails (the row's tokens are
+not the text's own tokens in order): they are not trusted first because some are wrong (transformers 5's Llama
+tokenizer shifts them after a character outside its vocabulary). The alignment is computed once per text and length
+mode and kept in a bounded LRU beside the encodings.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
+import re
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +45,8 @@ T5_FAMILY = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5Enco
 DEFAULT_FIXED_LENGTH = 128
 FALLBACK_LIMIT = 512  # T5's tokenizers declare 512; relative positions allow more but the models were not trained so
 CPU = torch.device("cpu")
+ALIGNMENT_ENTRIES = 256  # token-to-word alignments kept per encoder
+_WORD = re.compile(r"\S+")
 
 
 class EncodingCache:
@@ -86,6 +100,7 @@ class TextEncoder:
         self.layer = layer  # None: encoder-only (last_hidden_state); an index: that hidden state of a decoder
         self.cache = cache if cache is not None else EncodingCache()
         self._lock = threading.Lock()
+        self._alignments: OrderedDict[tuple[str, int | None], list[int]] = OrderedDict()
 
     # -- properties ------------------------------------------------------------------------------------------------
 
@@ -156,18 +171,20 @@ class TextEncoder:
                 found[text] = row
         return [found[text] for text in texts]
 
-    def _tokenize(self, texts: list[str], max_length: int | None) -> _Batch:
+    def _length_args(self, max_length: int | None) -> dict:
+        """The tokenizer's padding and truncation for a length mode (the encoding and the alignment share them)."""
         if max_length is not None:
-            out = self.tokenizer(texts, return_tensors="pt", add_special_tokens=True, max_length=max_length,
-                                 padding="max_length", truncation=True)
-        else:
+            return {"max_length": max_length, "padding": "max_length", "truncation": True}
+        return {"padding": "longest", "truncation": True, "max_length": self.token_limit}
+
+    def _tokenize(self, texts: list[str], max_length: int | None) -> _Batch:
+        if max_length is None:
             limit = self.token_limit
             too_long = [t for t in texts if self.count_tokens(t) > limit]
             if too_long:
                 log.warning("ELLA: a prompt has more than %d tokens, the limit of %s; the LLM reads its first %d.",
                             limit, self.name, limit)
-            out = self.tokenizer(texts, return_tensors="pt", add_special_tokens=True, padding="longest",
-                                 truncation=True, max_length=limit)
+        out = self.tokenizer(texts, return_tensors="pt", add_special_tokens=True, **self._length_args(max_length))
         return _Batch(out["input_ids"], out["attention_mask"].bool())
 
     def _encode_uncached(self, texts: list[str], max_length: int | None) -> list[tuple[torch.Tensor, int]]:
@@ -216,6 +233,98 @@ class TextEncoder:
                 "corrupt. Download the text encoder again."
             )
         return features
+
+
+    # -- emphasis ---------------------------------------------------------------------------------------------------
+
+    def token_weights(
+        self, text: str, word_weights: Sequence[float], max_length: int | None = DEFAULT_FIXED_LENGTH
+    ) -> torch.Tensor:
+        """float32 ``[tokens]`` on the CPU, one weight per position of the row ``encode([text], max_length)`` gives:
+        the weight of the space-separated word of ``text`` the token comes from; special tokens (EOS, BOS) and
+        padding get 1."""
+        weights = [float(w) for w in word_weights]
+        count = sum(1 for _ in _WORD.finditer(text))
+        if len(weights) != count:
+            raise InputError(f"token_weights() takes one weight per word: {text!r} has {count} words, "
+                             f"got {len(weights)} weights.")
+        if not all(0.0 <= w < float("inf") for w in weights):
+            raise InputError(f"Emphasis weights must be finite and at least 0; got {weights}.")
+        words = self.token_words(text, max_length)
+        return torch.tensor([*weights, 1.0], dtype=torch.float32)[torch.tensor(words, dtype=torch.long)]
+
+    def token_words(self, text: str, max_length: int | None = DEFAULT_FIXED_LENGTH) -> list[int]:
+        """For each position of the row ``encode([text], max_length)`` gives, the index of the word of ``text`` its
+        token comes from; -1 for special tokens and padding (and for every token when the tokenizer's tokens cannot
+        be matched to the words: then emphasis is ignored for this text, with a warning)."""
+        key = (text, max_length)
+        with self._lock:
+            found = self._alignments.get(key)
+            if found is None:
+                found = self._alignments[key] = self._align(text, max_length)
+                while len(self._alignments) > ALIGNMENT_ENTRIES:
+                    self._alignments.popitem(last=False)
+            else:
+                self._alignments.move_to_end(key)
+            return found
+
+    def _align(self, text: str, max_length: int | None) -> list[int]:
+        fast = bool(getattr(self.tokenizer, "is_fast", False))
+        out = self.tokenizer(text, add_special_tokens=True, return_special_tokens_mask=True,
+                             return_offsets_mapping=fast, **self._length_args(max_length))
+        ids = list(out["input_ids"])
+        content = [i for i, (special, real) in enumerate(zip(out["special_tokens_mask"], out["attention_mask"]))
+                   if real and not special]
+        words = _words_by_prefixes(self.tokenizer, text, [ids[i] for i in content])
+        if words is None and fast:
+            words = _words_by_offsets(text, [tuple(out["offset_mapping"][i]) for i in content])
+        if words is None:
+            log.warning("ELLA: the tokens of %s could not be matched to the words of %r; emphasis is ignored for it.",
+                        self.name, text)
+            return [-1] * len(ids)
+        aligned = [-1] * len(ids)
+        for position, word in zip(content, words):
+            aligned[position] = word
+        return aligned
+
+
+def _words_by_offsets(text: str, spans: list[tuple[int, int]]) -> list[int]:
+    """Each token's word from its character span: the word of the span's first non-space character (a span of
+    spaces alone, such as a lone SentencePiece "▁", belongs to the word that follows)."""
+    starts = [match.start() for match in _WORD.finditer(text)]
+    if not starts:
+        return [-1] * len(spans)
+    words = []
+    for start, _end in spans:
+        found = _WORD.search(text, start)
+        words.append(len(starts) - 1 if found is None else max(bisect.bisect_right(starts, found.start()) - 1, 0))
+    return words
+
+
+def _words_by_prefixes(tokenizer, text: str, content: list[int]) -> list[int] | None:
+    """Word by word, for tokenizers without offsets: the first k words of ``text`` own the tokens that the prefix
+    ending at word k shares with the whole text. None when the row's tokens are not the text's own."""
+    plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if content != plain[: len(content)]:
+        return None
+    ends = [match.end() for match in _WORD.finditer(text)]
+    if not ends:
+        return [-1] * len(content)
+    bounds, owned = [], 0
+    for end in ends:
+        prefix = tokenizer(text[:end], add_special_tokens=False)["input_ids"]
+        owned = max(owned, _common_prefix(plain, prefix))
+        bounds.append(owned)
+    return [min(bisect.bisect_right(bounds, k), len(ends) - 1) for k in range(len(content))]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _tensors(model):

@@ -8,10 +8,12 @@ import torch
 from ella_ext import load_connector, load_text_encoder
 from ella_ext.conditioning import Conditioner
 from ella_ext.errors import InputError, TextEncoderError
+from ella_ext.prompts import WeightedText
 
 from .conftest import TINY, needs_cpu_fp16
 from .reference_tsc import reference_tsc
 from .test_text_encoders import direct_t5
+from .tiny_llms import t5_token_weights
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -299,3 +301,90 @@ def test_working_bytes_counts_the_rows_kept_ahead(parts, monkeypatch):
     cond.arrange([[(text, t) for text in ["cat", "a dog on a mat", "blurry", ""]] for t in SCHEDULE], max_bytes=None)
     held = sum(t.numel() * t.element_size() for t in cond._resident.values())
     assert held == 24 * row_bytes <= cond.working_bytes(rows=4, calls=6, ahead_bytes=10**9)
+
+
+# -- emphasis ------------------------------------------------------------------------------------------------------
+
+
+def expected_weighted_row(connector, folder, text, timestep, max_length=None):
+    args = {} if max_length is None else dict(max_length=max_length, padding="max_length", truncation=True)
+    plain = text.text if isinstance(text, WeightedText) else text
+    features, _ = direct_t5(folder, [plain], **args)
+    weights = None
+    if isinstance(text, WeightedText):
+        weights = t5_token_weights(folder, text.text, text.weights, max_length)[None]
+        assert weights.shape == features.shape[:2]
+    state = {k: v.detach() for k, v in connector.state_dict().items()}
+    return reference_tsc(state, features, torch.tensor([float(timestep)]), TINY.heads, weights=weights)[0]
+
+
+@pytest.mark.parametrize("max_length", [None, 12])
+def test_weighted_rows_match_the_reference(parts, tiny_t5_dir, max_length):
+    connector, encoder, _ = parts
+    cond = Conditioner(connector, encoder, max_length=max_length)
+    texts = [WeightedText("a red cube on top of a blue sphere", (1.0, 1.5, 2.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0)),
+             "three cats", WeightedText("red cube", (0.5, 3.0)), ""]
+    timesteps = [999.0, 500.5, 10.0, 640.0]
+    out = cond(texts, timesteps)
+    assert cond.tsc_passes == 1  # rows with and without weights, different weights: one pass
+    for row, (text, t) in enumerate(zip(texts, timesteps)):
+        expected = expected_weighted_row(connector, tiny_t5_dir, text, t, max_length)
+        torch.testing.assert_close(out[row].double(), expected, **TOL)
+
+
+def test_weights_are_part_of_the_key(parts):
+    connector, encoder, llm_calls = parts
+    cond = Conditioner(connector, encoder)
+    texts = [WeightedText("red cube", (2.0, 1.0)), "red cube", WeightedText("red cube", (0.5, 1.0)),
+             WeightedText("red cube", (2.0, 1.0))]
+    out = cond(texts, 500.0)
+    assert len(llm_calls) == 1  # the words are encoded once
+    assert cond.tsc_pairs == 3 and torch.equal(out[0], out[3])
+    assert not torch.allclose(out[0], out[1], atol=1e-4) and not torch.allclose(out[2], out[1], atol=1e-4)
+    again = cond(list(reversed(texts)), 500.0)
+    assert cond.tsc_passes == 1 and torch.equal(again[1], out[2])
+
+
+def test_a_pass_without_weights_hands_the_connector_none(parts, monkeypatch):
+    connector, encoder, _ = parts
+    seen = []
+    forward = type(connector).forward
+    monkeypatch.setattr(type(connector), "forward",
+                        lambda self, f, t, mask=None, weights=None: seen.append(weights) or forward(self, f, t, mask,
+                                                                                                    weights))
+    cond = Conditioner(connector, encoder)
+    cond.prepare(["blurry", WeightedText("red cube", (1.5, 1.0))])
+    cond(["blurry", "a cat"], 900.0)
+    assert seen == [None]
+    cond([WeightedText("red cube", (1.5, 1.0)), "blurry"], 800.0)
+    assert seen[1].device.type == "cpu" and seen[1][1].tolist() == [1.0] * seen[1].shape[1]
+    assert 1.5 in seen[1][0].tolist()
+
+
+def test_emphasis_from_the_prompt_to_the_rows(parts, tiny_t5_dir):
+    """Host syntax (nested emphasis, BREAK, AND, square brackets) -> per-word weights -> rows."""
+    from ella_ext.pass_rows import PassTexts
+
+    connector, encoder, _ = parts
+    texts = PassTexts(["((red) cube:1.2) BREAK on a [table] AND (blue:0.5) sphere"], ["(ugly:1.3), blurry"], steps=4,
+                      emphasis=True)
+    cond_texts, uncond_texts = texts.at(0)
+    assert cond_texts == [WeightedText("red cube on a table", pytest.approx((1.32, 1.2, 1.0, 1.0, 1 / 1.1))),
+                          WeightedText("blue sphere", (0.5, 1.0))]
+    assert uncond_texts == [WeightedText("ugly, blurry", (1.3, 1.0))]
+    plain = PassTexts(["((red) cube:1.2) BREAK on a [table]"], ["blurry"], steps=4, emphasis=True)
+    assert plain.at(0)[1] == ["blurry"]  # no emphasis: a plain text, the same key as with emphasis off
+    off = PassTexts(["((red) cube:1.2) BREAK on a [table]"], [""], steps=4)
+    assert off.at(0)[0] == ["red cube on a table"]
+    rows = Conditioner(connector, encoder)([*cond_texts, *uncond_texts], 700.0)
+    for row, text in enumerate([*cond_texts, *uncond_texts]):
+        torch.testing.assert_close(rows[row].double(), expected_weighted_row(connector, tiny_t5_dir, text, 700.0),
+                                   **TOL)
+
+
+def test_out_of_range_emphasis_is_clamped_and_reported():
+    from ella_ext.pass_rows import PassTexts
+
+    texts = PassTexts(["(red:20) [(blue:-1)] cube", "(a:10) b"], [""], steps=2, emphasis=True)
+    assert texts.at(0)[0] == [WeightedText("red blue cube", (10.0, 0.0, 1.0)), WeightedText("a b", (10.0, 1.0))]
+    assert sorted(texts.out_of_range) == pytest.approx([-1 / 1.1, 20.0])

@@ -276,3 +276,147 @@ def test_dtype_move_and_half_precision(tiny_connector_file):
         assert ((out.float() - ref).norm() / ref.norm()) < tolerance
     model = load_connector(tiny_connector_file).to(torch.float64)
     assert model(x.double(), 640.0).dtype == torch.float64
+
+
+# -- emphasis: per-token attention weights -------------------------------------------------------------------------
+
+
+def emphasis_weights(batch, tokens, seed=7):
+    """Per-row, per-token weights in [0, 3): some zeros, some above 1, and one row of ones."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.rand(batch, tokens, generator=generator) * 3
+    weights[torch.rand(batch, tokens, generator=generator) < 0.2] = 0.0
+    weights[0] = 1.0
+    return weights
+
+
+def lengths_mask(lengths, tokens):
+    return torch.arange(tokens)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def test_literal_reference_attention_is_torch_multihead_attention(tiny_connector_file):
+    """The formula-written attention of the reference, with weights of 1, is torch's nn.MultiheadAttention."""
+    model = load_connector(tiny_connector_file)
+    x, t = features(3, 6), torch.tensor([5.0, 500.0, 995.0])
+    literal = reference_tsc(state_of(model), x, t, TINY.heads, weights=torch.ones(3, 6))
+    torch.testing.assert_close(literal, reference_tsc(state_of(model), x, t, TINY.heads), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "flexible"])
+def test_weights_match_the_literal_reference(tiny_connector_file, mode):
+    """softmax(logits + log w) in fp64, per row and per token, against the fused fp32 attention."""
+    model = load_connector(tiny_connector_file)
+    lengths = [9, 4, 7, 1, 9]
+    x = features(len(lengths), 9, seed=3)
+    weights = emphasis_weights(len(lengths), 9)
+    t = torch.tensor([999.0, 0.0, 412.37, 250.5, 3.0])
+    mask = lengths_mask(lengths, 9) if mode == "flexible" else None  # fixed: every position attended, padding too
+    if mask is not None:
+        x = x.masked_fill(~mask[..., None], 123.0)
+    out = model(x, t, mask, weights)
+    ref = reference_tsc(state_of(model), x, t, TINY.heads, weights=weights, mask=mask)
+    torch.testing.assert_close(out.double(), ref, **TOL)
+    assert not torch.allclose(out, model(x, t, mask), atol=1e-3)  # the weights do change the rows
+
+
+def test_weighted_rows_batched_equal_each_row_alone(tiny_connector_file):
+    """Rows with different weights in one pass: each row is the reference on that row alone, unpadded."""
+    model = load_connector(tiny_connector_file)
+    lengths = [3, 8, 5]
+    x, weights = features(3, 8, seed=4), emphasis_weights(3, 8, seed=5)
+    weights[1, 2] = 4.5
+    t = torch.tensor([10.0, 600.0, 980.0])
+    out = model(x, t, lengths_mask(lengths, 8), weights)
+    state = state_of(model)
+    for row, n in enumerate(lengths):
+        alone = reference_tsc(state, x[row : row + 1, :n], t[row : row + 1], TINY.heads,
+                              weights=weights[row : row + 1, :n])
+        torch.testing.assert_close(out[row : row + 1].double(), alone, **TOL)
+
+
+def _sdpa_masks(monkeypatch):
+    """The ``attn_mask`` of every attention call the connector makes."""
+    import ella_ext.connector as connector_module
+
+    seen = []
+    original = connector_module.F.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        seen.append(attn_mask)
+        return original(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(connector_module.F, "scaled_dot_product_attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_all_ones_weights_are_no_weights(tiny_connector_file, monkeypatch, masked):
+    """Bit-identical output, and the attention gets exactly the mask it gets without weights (no bias, no kernel)."""
+    model = load_connector(tiny_connector_file)
+    x, t = features(3, 7), torch.tensor([1.0, 500.0, 999.0])
+    mask = lengths_mask([7, 2, 5], 7) if masked else None
+    seen = _sdpa_masks(monkeypatch)
+    plain = model(x, t, mask)
+    plain_masks = list(seen)
+    for ones in (torch.ones(3, 7), torch.ones(3, 7, dtype=torch.float64), torch.ones(3, 7, dtype=torch.float16)):
+        seen.clear()
+        assert torch.equal(model(x, t, mask, ones), plain)
+        assert len(seen) == len(plain_masks) == TINY.layers
+        for got, expected in zip(seen, plain_masks):
+            assert (got is None and expected is None) or (got.dtype == torch.bool and torch.equal(got, expected))
+
+
+def test_zero_weight_is_masking(tiny_connector_file):
+    model = load_connector(tiny_connector_file)
+    x, t = features(2, 6, seed=8), torch.tensor([300.0, 700.0])
+    weights = emphasis_weights(2, 6, seed=9).clamp(min=0.5)
+    mask = lengths_mask([6, 5], 6)
+    zeroed = weights.clone()
+    zeroed[0, 2] = zeroed[1, 4] = 0.0
+    masked = mask.clone()
+    masked[0, 2] = masked[1, 4] = False
+    removed = model(x, t, mask, zeroed)
+    # torch.equal: a zero weight and a masked position are the same -inf in the one additive bias
+    assert torch.equal(removed, model(x, t, masked, weights))
+    # the same as the boolean mask of the unweighted path, up to rounding (a float bias vs a boolean mask kernel)
+    ones_elsewhere = torch.where(zeroed == 0, zeroed, torch.ones_like(zeroed))
+    torch.testing.assert_close(model(x, t, mask, ones_elsewhere), model(x, t, masked), **TOL)
+    # and the same as the token not being there at all
+    state = state_of(model)
+    for row, keep in enumerate((torch.tensor([0, 1, 3, 4, 5]), torch.tensor([0, 1, 2, 3]))):  # row 1: 5 real tokens
+        short = reference_tsc(state, x[row : row + 1, keep], t[row : row + 1], TINY.heads,
+                              weights=weights[row : row + 1, keep])
+        torch.testing.assert_close(removed[row : row + 1].double(), short, **TOL)
+
+
+def test_every_text_weight_zero_leaves_the_latents(tiny_connector_file):
+    """Weights of 0 on every text token: no NaN, and the text cannot matter any more."""
+    model = load_connector(tiny_connector_file)
+    zeros = torch.zeros(1, 4)
+    first = model(features(1, 4, seed=1), 100.0, None, zeros)
+    assert torch.isfinite(first).all()
+    torch.testing.assert_close(first, model(features(1, 4, seed=2), 100.0, None, zeros), atol=0, rtol=0)
+
+
+def test_bad_weights(tiny_connector_file):
+    model = load_connector(tiny_connector_file)
+    x = torch.zeros(2, 3, 20)
+    with pytest.raises(InputError, match=r"weights must be \[batch, tokens\] = \[2, 3\]"):
+        model(x, 1.0, None, torch.ones(2, 4))
+    with pytest.raises(InputError, match="weights must be"):
+        model(x, 1.0, None, [[1.0] * 3] * 2)
+    for bad in (-0.5, float("nan"), float("inf")):
+        weights = torch.ones(2, 3)
+        weights[1, 1] = bad
+        with pytest.raises(InputError, match="finite and at least 0"):
+            model(x, 1.0, None, weights)
+
+
+def test_half_precision_weights_against_the_reference(tiny_connector_file):
+    half = load_connector(tiny_connector_file, dtype=torch.float16)
+    x, weights = features(3, 9).half(), emphasis_weights(3, 9)
+    mask = lengths_mask([9, 6, 2], 9)
+    t = torch.tensor([999.0, 500.25, 3.0])
+    out = half(x, t, mask, weights).double()
+    ref = reference_tsc(state_of(half), x, t, TINY.heads, weights=weights, mask=mask)
+    assert ((out - ref).norm() / ref.norm()) < 1e-2

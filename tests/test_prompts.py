@@ -16,9 +16,12 @@ import pytest
 
 from ella_ext.errors import InputError
 from ella_ext.prompts import (
+    MAX_EMPHASIS,
+    WeightedText,
     attention_segments,
     clean_text,
     emphasis_weights,
+    llm_text,
     prompt_schedule,
     split_and,
     strip_extra_networks,
@@ -325,6 +328,32 @@ def test_emphasis_weights(text: str, expected_text: str, expected_weights: list[
     assert weights == pytest.approx(expected_weights)
     assert len(weights) == len(cleaned.split())
     assert clean_text(text) == expected_text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "out_of_range"),
+    [
+        ("red cube", "red cube", []),
+        ("(red:1) cube", "red cube", []),  # every word at 1: the plain text, the same key as "red cube"
+        ("(red:1.5) cube", WeightedText("red cube", (1.5, 1.0)), []),
+        ("((a) b:1.2), c", WeightedText("a b, c", (ROUND * 1.2, 1.2, 1.0)), []),
+        ("[a] BREAK b", WeightedText("a b", (SQUARE, 1.0)), []),
+        ("(a:0) b", WeightedText("a b", (0.0, 1.0)), []),
+        ("(a:10) b", WeightedText("a b", (10.0, 1.0)), []),
+        ("(a:10.5) b", WeightedText("a b", (MAX_EMPHASIS, 1.0)), [10.5]),
+        ("(a:-2) (b:1e0)", WeightedText("a b:1e0", (0.0, ROUND)), [-2.0]),  # "1e0" is no host weight
+        ("(a:" + "9" * 400 + ")", WeightedText("a", (MAX_EMPHASIS,)), [float("inf")]),
+        ("", "", []),
+    ],
+)
+def test_llm_text(text, expected, out_of_range) -> None:
+    got, clamped = llm_text(text)
+    assert type(got) is type(expected)
+    if isinstance(expected, WeightedText):
+        assert got.text == expected.text and got.weights == pytest.approx(expected.weights)
+    else:
+        assert got == expected
+    assert clamped == out_of_range
 
 
 # ----------------------------------------------------------------------------------------------------- llm_texts

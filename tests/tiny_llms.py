@@ -77,3 +77,19 @@ def make_llama(folder: Path, hidden: int = HIDDEN, seed: int = 0) -> Path:
     LlamaForCausalLM(config).save_pretrained(str(folder), safe_serialization=True)
     return folder
 
+
+
+def t5_token_weights(folder: Path, text: str, word_weights, max_length: int | None = None) -> torch.Tensor:
+    """The emphasis of each token of a T5 row, worked out apart from the extension: each word tokenized alone
+    (SentencePiece pieces never cross a space), truncated as T5 truncates, EOS 1, padding 1."""
+    import transformers
+
+    tokenizer = transformers.T5Tokenizer.from_pretrained(str(folder))
+    weights = [float(w) for word, w in zip(text.split(), word_weights)
+               for _ in tokenizer(word, add_special_tokens=False)["input_ids"]]
+    if max_length is not None:
+        weights = weights[: max_length - 1]
+    weights.append(1.0)
+    if max_length is not None:
+        weights += [1.0] * (max_length - len(weights))
+    return torch.tensor(weights)

@@ -46,6 +46,7 @@ from ..errors import ELLAError, InputError
 from ..options import ELLAOptions
 from ..pass_plan import Foreseen, PassPlan, column_key, plan_pass
 from ..pass_rows import PassTexts, assemble, has_controlnet_mark, row_timesteps
+from ..prompts import MAX_EMPHASIS, WeightedText, plain_text
 from . import host, infotext, settings
 from .loading import LoadedModels, check_names, llm_mismatch, manager
 
@@ -68,6 +69,7 @@ class Generation:
     failed: dict[int, str] = field(default_factory=dict)  # batch number -> why ELLA stopped in it
     warnings: list[str] = field(default_factory=list)  # for every batch of the generation
     batch_warnings: dict[int, list[str]] = field(default_factory=dict)  # batch number -> for that batch only
+    emphasis: str = opts_mod.EMPHASIS_ATTENTION  # the setting "Emphasis in the LLM prompt" for this generation
     calls: dict[int, int] = field(default_factory=dict)  # batch number -> calls ELLA conditioned
     foreseen: Foreseen | None = None  # the calls of the pass about to start, from a dry run of its sampler
     plan: PassPlan | None = None  # the current pass's foreseen calls, its rows arranged in the conditioner
@@ -92,7 +94,8 @@ class Generation:
                 and not _interrupted():
             error = "ELLA was not called by this sampler; this batch uses CLIP"
         warnings = [*self.warnings, *self.batch_warnings.get(self.batch, [])]
-        infotext.write(self.params, self.options, conditioned=conditioned, error=error, warnings=warnings)
+        infotext.write(self.params, self.options, conditioned=conditioned, error=error, warnings=warnings,
+                       emphasis=self.emphasis)
 
 
 def _interrupted() -> bool:
@@ -122,6 +125,7 @@ def start(p, args: Sequence[Any]) -> Generation | None:
     manager.generation_started(generation)  # from here on nothing is unloaded under it
     try:
         check_names(options)
+        generation.emphasis = opts_mod.emphasis_mode(settings.get(settings.EMPHASIS))  # host overrides applied by now
         width = host.context_width(p.sd_model)
         if width == 0:
             raise InputError(
@@ -172,19 +176,21 @@ def prepare_batch(p, batch_number: int) -> None:
     generation.write_infotext()
     try:
         use_old = bool(getattr(getattr(_shared(), "opts", None), "use_old_scheduling", False))
+        emphasis = generation.emphasis == opts_mod.EMPHASIS_ATTENTION
         first_total = host.total_steps(p.sampler_name, p.steps)
         generation.passes[False] = _pass_texts(generation.options, p.prompts, p.negative_prompts, first_total, None,
-                                               use_old)
+                                               use_old, emphasis)
         if getattr(p, "enable_hr", False) and generation.options.hires and getattr(p, "hr_prompts", None) is not None:
             hr_sampler = getattr(p, "hr_sampler_name", None) or p.sampler_name
             hr_total = host.total_steps(hr_sampler, getattr(p, "hr_second_pass_steps", 0) or p.steps)
             generation.passes[True] = _pass_texts(generation.options, p.hr_prompts, p.hr_negative_prompts,
-                                                  first_total, hr_total, use_old)
+                                                  first_total, hr_total, use_old, emphasis)
         texts = [t for texts in generation.passes.values() for t in texts.every_text()]
         needs_llm = generation.conditioner.needs_llm(texts)  # else no LLM move (on Forge: no memory freed for it)
         with generation.loaded.encoding() if needs_llm else contextlib.nullcontext():
             generation.conditioner.prepare(texts)
-        generation.batch_warnings[batch_number] = _truncated(generation, texts)
+        clamped = _out_of_range([w for texts in generation.passes.values() for w in texts.out_of_range])
+        generation.batch_warnings[batch_number] = [*clamped, *_truncated(generation, texts)]
     except Exception as err:
         fail(generation, err)
 
@@ -195,12 +201,12 @@ def _shared():
     return shared
 
 
-def _truncated(generation: Generation, texts: list[str]) -> list[str]:
+def _truncated(generation: Generation, texts: list[str | WeightedText]) -> list[str]:
     """A warning when the LLM reads only the start of a text of this batch (past the fixed length, or past the
     model's limit in flexible mode); also in the console."""
     encoder = generation.loaded.encoder
     limit = generation.options.fixed_length or encoder.token_limit
-    longest = max((encoder.count_tokens(text) for text in texts), default=0)
+    longest = max((encoder.count_tokens(plain_text(text)) for text in texts), default=0)
     if longest <= limit:
         return []
     llm = infotext.model_name(generation.options.text_encoder)
@@ -210,13 +216,31 @@ def _truncated(generation: Generation, texts: list[str]) -> list[str]:
     return [message]
 
 
-def _pass_texts(options: ELLAOptions, prompts, negatives, steps: int, hires_steps: int | None, use_old: bool):
+def _pass_texts(options: ELLAOptions, prompts, negatives, steps: int, hires_steps: int | None, use_old: bool,
+                emphasis: bool):
     return PassTexts(
         prompts, negatives, steps, hires_steps,
         llm_prompt=options.llm_prompt,
         empty_negative=options.negative == opts_mod.NEGATIVE_EMPTY,
         use_old_scheduling=use_old,
+        emphasis=emphasis,
     )
+
+
+def _out_of_range(weights: list[float]) -> list[str]:
+    """A warning when emphasis multipliers outside [0, MAX_EMPHASIS] were clamped; also in the console."""
+    if not weights:
+        return []
+    shown = sorted(set(weights))
+    clamped = [f"{_number(w)} to {_number(min(max(w, 0.0), MAX_EMPHASIS))}" for w in shown[:4]]
+    message = (f"emphasis outside 0 to {_number(MAX_EMPHASIS)} clamped ({', '.join(clamped)}"
+               f"{', ...' if len(shown) > 4 else ''})")
+    log.warning("ELLA: %s", message)
+    return [message]
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
 
 
 def finish_batch(p) -> None:

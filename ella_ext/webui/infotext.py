@@ -18,7 +18,7 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import PurePath
 from typing import Any
 
-from .. import options
+from .. import options, prompts
 from ..errors import InputError
 
 # "ELLA" holds the connector and is present only when ELLA conditioned the image.
@@ -30,9 +30,12 @@ KEY_NEGATIVE = "ELLA negative"
 KEY_PROMPT = "ELLA prompt"
 KEY_HIRES = "ELLA hires"
 KEY_ERROR = "ELLA error"
-KEY_WARNING = "ELLA warning"  # ELLA ran, but something the user should know (a truncated prompt, another LLM)
+KEY_WARNING = "ELLA warning"  # ELLA ran, but something the user should know (a truncated prompt, another LLM,
+# emphasis weights that had to be clamped)
+# The emphasis setting when not the default (the setting's ``infotext=``: pasting it is a settings override).
+KEY_EMPHASIS = "ELLA emphasis"
 KEYS = (KEY_CONNECTOR, KEY_TEXT_ENCODER, KEY_TOKENS, KEY_MODE, KEY_NEGATIVE, KEY_PROMPT, KEY_HIRES, KEY_ERROR,
-        KEY_WARNING)
+        KEY_WARNING, KEY_EMPHASIS)
 
 # One key per control (the script's argument order); the derived ones exist only after ``paste_params``.
 PASTE_KEYS = {
@@ -60,8 +63,8 @@ def model_name(choice: str) -> str:
     return text  # a hub id (owner/name) is a name, not a path
 
 
-def values(chosen: options.ELLAOptions) -> dict[str, str]:
-    """The entries of an image that ELLA conditioned with these options."""
+def values(chosen: options.ELLAOptions, emphasis: str = options.EMPHASIS_ATTENTION) -> dict[str, str]:
+    """The entries of an image that ELLA conditioned with these options and this emphasis setting."""
     fields = {
         KEY_CONNECTOR: model_name(chosen.connector),
         KEY_TEXT_ENCODER: model_name(chosen.text_encoder),
@@ -73,14 +76,17 @@ def values(chosen: options.ELLAOptions) -> dict[str, str]:
         fields[KEY_PROMPT] = chosen.llm_prompt
     if not chosen.hires:
         fields[KEY_HIRES] = "off"
+    if emphasis != options.EMPHASIS_ATTENTION:
+        fields[KEY_EMPHASIS] = emphasis
     return fields
 
 
 def write(params: MutableMapping[str, Any], chosen: options.ELLAOptions, *, conditioned: bool,
-          error: str | None, warnings: list[str] | None = None) -> None:
-    """Set every ELLA key: the option entries and warnings if ELLA conditioned the batch (else none), and the error
-    if any."""
-    for key, value in values(chosen).items():
+          error: str | None, warnings: list[str] | None = None,
+          emphasis: str = options.EMPHASIS_ATTENTION) -> None:
+    """Set every ELLA key: the option entries (with the emphasis setting when not the default) and warnings if ELLA
+    conditioned the batch (else none), and the error if any."""
+    for key, value in values(chosen, emphasis).items():
         params[key] = value if conditioned else None
     params[KEY_WARNING] = "; ".join(warnings) if conditioned and warnings else None
     params[KEY_ERROR] = error
@@ -93,8 +99,23 @@ def clear(params: MutableMapping[str, Any]) -> None:
 
 
 def paste_params(params: Mapping[str, str]) -> dict[str, Any]:
-    """The per-control keys derived from pasted image parameters (added to them before the host applies them)."""
-    return {PASTE_KEYS[name]: value for name, value in from_infotext(params).items()}
+    """The per-control keys derived from pasted image parameters (added to them before the host applies them). An
+    image ELLA conditioned with emphasis in its prompt but no emphasis entry used the default, so it gets one: the
+    host then restores the setting too (as ``infotext_utils.parse_generation_parameters`` adds "Emphasis: Original"
+    for its own emphasis mode)."""
+    derived: dict[str, Any] = {PASTE_KEYS[name]: value for name, value in from_infotext(params).items()}
+    if KEY_CONNECTOR in params and KEY_EMPHASIS not in params and _uses_emphasis(params):
+        derived[KEY_EMPHASIS] = options.EMPHASIS_ATTENTION
+    return derived
+
+
+def _uses_emphasis(params: Mapping[str, str]) -> bool:
+    texts = [str(params.get(key, "")) for key in ("Prompt", "Negative prompt", KEY_PROMPT)]
+    try:
+        return any(weight != 1.0 and segment != "BREAK"
+                   for text in texts for segment, weight in prompts.attention_segments(text))
+    except InputError:
+        return False
 
 
 def from_infotext(params: Mapping[str, str]) -> dict[str, Any]:

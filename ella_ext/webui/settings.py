@@ -11,7 +11,11 @@ from typing import Any
 
 import torch
 
+from .. import options
+from .infotext import KEY_EMPHASIS
+
 SECTION = ("ella", "ELLA")
+EMPHASIS = "ella_emphasis"  # "Emphasis in the LLM prompt": options.EMPHASIS_MODES
 
 LLM_DTYPES = ("auto", "fp16", "bf16", "fp32")
 LLM_DEVICES = ("GPU", "CPU")
@@ -27,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "ella_unload_minutes": 15,
     "ella_allow_download": True,
     "ella_allow_paths": False,
+    EMPHASIS: options.EMPHASIS_ATTENTION,
 }
 
 
@@ -55,8 +60,8 @@ def on_ui_settings() -> None:
     import gradio as gr
     from modules import shared
 
-    def add(key: str, label: str, component=None, component_args=None, info: str | None = None) -> None:
-        option = shared.OptionInfo(DEFAULTS[key], label, component, component_args, section=SECTION)
+    def add(key: str, label: str, component=None, component_args=None, info: str | None = None, **extra) -> None:
+        option = shared.OptionInfo(DEFAULTS[key], label, component, component_args, section=SECTION, **extra)
         if info and hasattr(option, "info"):
             option = option.info(info)
         shared.opts.add_option(key, option)
@@ -85,3 +90,7 @@ def on_ui_settings() -> None:
         info="from the API, pasted parameters and the X/Y/Z plot; a listed hub id is downloaded only if downloads "
              "are on. Off by default: on a shared server (--listen, --api) a client could make the WebUI load or "
              "download any model")
+    # infotext=: the host writes nothing itself, but pasting "ELLA emphasis: off" becomes a settings override
+    add(EMPHASIS, "Emphasis in the LLM prompt", gr.Radio, {"choices": list(options.EMPHASIS_MODES)},
+        info="attention: (word:1.3) multiplies the connector's attention to the word's tokens; off: the LLM reads "
+             "the plain text (the paper's behaviour)", infotext=KEY_EMPHASIS)

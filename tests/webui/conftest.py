@@ -18,7 +18,7 @@ from ella_ext.connector_file import save_connector
 
 from ..kdiffusion import real_k_diffusion, sd15_alphas_cumprod
 from ..random_weights import init_random
-from ..tiny_llms import HIDDEN
+from ..tiny_llms import HIDDEN, t5_token_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent / "forge"))  # hostlayers (the doubles' layering)
@@ -65,10 +65,16 @@ def reference(models_dir):
     connector = load_connector(models_dir / "ELLA" / f"{CONNECTOR}.safetensors")
     encoder = load_text_encoder(models_dir / "ELLA" / "text_encoders" / ENCODER, "cpu", torch.float32)
 
-    def row(text: str, t: float, max_length=None) -> torch.Tensor:
+    def row(text: str, t: float, max_length=None, word_weights=None) -> torch.Tensor:
+        """``word_weights``: the emphasis of each word of ``text`` (tests/tiny_llms.py ``t5_token_weights`` spreads
+        them over the tokens, apart from the extension)."""
         features, mask = encoder.encode([text], max_length)
+        weights = None
+        if word_weights is not None:
+            weights = t5_token_weights(models_dir / "ELLA" / "text_encoders" / ENCODER, text, word_weights,
+                                       max_length)[None]
         with torch.no_grad():
-            return connector(features, torch.tensor([t]), None if max_length else mask)[0]
+            return connector(features, torch.tensor([t]), None if max_length else mask, weights)[0]
 
     return row
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ella_ext.prompts import WeightedText
+
 from .conftest import CONNECTOR, ENCODER, FakeSDModel, ella_args, fail_conditioner_at
 
 
@@ -28,7 +30,15 @@ def test_callback_registered_once_at_import(host):
     assert len(script_callbacks.callback_map["app_started"]) == 1
 
 
+def set_emphasis(value):
+    """The setting "Emphasis in the LLM prompt" as the user sets it (shared.opts)."""
+    from modules import shared
+
+    shared.opts.data["ella_emphasis"] = value
+
+
 def test_euler_rows_texts_timesteps_and_tensors(host, reference):
+    set_emphasis("off")  # the LLM reads the plain text: the rows are today's
     p, processed = host.run("a (red:1.2) cube on a table", "blurry", steps=4, sampler_name="Euler")
     assert host.reported() == []
     assert texts_per_call(host) == [["a red cube on a table", "blurry"]] * 4
@@ -43,7 +53,101 @@ def test_euler_rows_texts_timesteps_and_tensors(host, reference):
     assert host.recorded.calls[0][1][0] == pytest.approx(999.0, abs=1e-3)  # Euler starts at sigma_max
     info = processed.infotexts[0]
     assert f"ELLA: {CONNECTOR}" in info and f"ELLA LLM: {ENCODER}" in info and "ELLA tokens: flexible" in info
-    assert "ELLA error" not in info
+    assert "ELLA error" not in info and "ELLA emphasis: off" in info
+
+
+@pytest.mark.parametrize("weight", [1.5, 0.5, 0.0])
+def test_emphasis_weights_the_connector_attention(host, reference, weight):
+    p, processed = host.run(f"(red:{weight}) cube", "(blurry:1.3)", steps=3)
+    assert host.reported() == []
+    for call, (texts, timesteps, rows) in enumerate(host.recorded.calls):
+        assert texts == [WeightedText("red cube", (weight, 1.0)), WeightedText("blurry", (1.3,))]
+        expected = reference("red cube", timesteps[0], word_weights=[weight, 1.0])
+        torch.testing.assert_close(rows[0], expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(rows[0], reference("red cube", timesteps[0]), atol=1e-3)  # the weight matters
+        torch.testing.assert_close(rows[1], reference("blurry", timesteps[1], word_weights=[1.3]), atol=1e-5,
+                                   rtol=1e-5)
+        _, _, cond_in, _ = p.denoisers[0].inner_calls[call]
+        torch.testing.assert_close(cond_in[0].float(), expected, atol=2e-3, rtol=2e-3)  # what the UNet got
+    info = processed.infotexts[0]
+    assert f"ELLA: {CONNECTOR}" in info and "ELLA emphasis" not in info and "ELLA warning" not in info
+
+
+def test_weight_one_is_no_emphasis(host):
+    host.run("(red:1) cube", "blurry", steps=2)
+    weighted = host.recorded.calls[:]
+    host.run("red cube", "blurry", steps=2)
+    for (texts, _, rows), (plain_texts, _, plain_rows) in zip(weighted, host.recorded.calls):
+        assert texts == plain_texts == ["red cube", "blurry"]
+        assert torch.equal(rows, plain_rows)
+
+
+def test_nested_emphasis_break_and_and_reach_their_rows(host, reference):
+    host.run("((red) cube:1.2) BREAK on a [table] AND (blue:0.5) sphere", "", steps=1)
+    (texts, timesteps, rows), = host.recorded.calls
+    assert texts[1:] == [WeightedText("blue sphere", (0.5, 1.0)), ""]
+    assert texts[0].text == "red cube on a table"
+    assert texts[0].weights == pytest.approx((1.1 * 1.2, 1.2, 1.0, 1.0, 1 / 1.1))
+    torch.testing.assert_close(rows[0], reference(texts[0].text, timesteps[0], word_weights=texts[0].weights),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows[1], reference("blue sphere", timesteps[1], word_weights=[0.5, 1.0]), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_out_of_range_emphasis_is_clamped_with_a_warning(host, reference):
+    p, processed = host.run("(red:25) [(blue:-1)] cube", steps=1)
+    (texts, timesteps, rows), = host.recorded.calls
+    assert texts == [WeightedText("red blue cube", (10.0, 0.0, 1.0)), ""]
+    torch.testing.assert_close(rows[0], reference("red blue cube", timesteps[0], word_weights=[10.0, 0.0, 1.0]),
+                               atol=1e-5, rtol=1e-5)
+    assert "ELLA warning: emphasis outside 0 to 10 clamped (-0.909091 to 0, 25 to 10)" in processed.infotexts[0]
+    _, processed = host.run("(red:2) cube", steps=1)
+    assert "ELLA warning" not in processed.infotexts[0]
+
+
+def test_emphasis_in_fixed_mode_with_the_other_warnings(host, reference):
+    long_prompt = "(red:25) cube " + " ".join(["on a blue sphere"] * 6)
+    _, processed = host.run(long_prompt, steps=1, args=ella_args(token_length="Fixed", max_length=16))
+    (texts, timesteps, rows), = host.recorded.calls
+    weights = [10.0] + [1.0] * (len(texts[0].text.split()) - 1)
+    assert texts[0] == WeightedText(texts[0].text, tuple(weights))
+    # fixed: every position attended, the padding and EOS at weight 1, the words past the 16 tokens cut
+    torch.testing.assert_close(rows[0], reference(texts[0].text, timesteps[0], 16, word_weights=weights), atol=1e-5,
+                               rtol=1e-5)
+    info = processed.infotexts[0]
+    assert "ELLA warning: emphasis outside 0 to 10 clamped (25 to 10); a prompt has" in info
+    assert "more than the fixed token length (16)" in info
+
+
+def test_emphasis_setting_from_override_settings(host):
+    """The API's override_settings, the UI's "Override settings" and the XYZ axis all set p.override_settings."""
+    from modules import script_callbacks, shared
+    from modules.processing import StableDiffusionProcessingTxt2Img
+
+    from ella_ext.errors import InputError
+    from ella_ext.webui import xyz
+
+    script_callbacks.ui_settings_callback()  # the host registers the settings when it starts
+    _, processed = host.run("(red:1.5) cube", steps=1, override_settings={"ella_emphasis": "off"})
+    assert host.recorded.calls[0][0] == ["red cube", ""]
+    assert "ELLA emphasis: off" in processed.infotexts[0]
+    assert shared.opts.ella_emphasis == "attention"  # restored after the generation
+    cell = StableDiffusionProcessingTxt2Img("(red:1.5) cube")
+    xyz.apply_emphasis(cell, " Off", [])
+    assert cell.override_settings == {"ella_emphasis": "off"}
+    with pytest.raises(InputError, match="'attention' or 'off'"):
+        xyz.confirm_emphasis(cell, ["attention", "loud"])
+
+
+def test_bad_emphasis_setting_is_reported_and_the_image_made(host):
+    set_emphasis("loud")
+    p, processed = host.run("a cube", steps=1)
+    assert host.recorded.calls == []
+    assert "ELLA error" in processed.infotexts[0] and "Emphasis in the LLM prompt" in processed.infotexts[0]
+    _, _, cond_in, _ = p.denoisers[0].inner_calls[0]
+    assert cond_in.shape == (2, 77, 768)  # CLIP's
+    _, processed = host.run("a cube", steps=1, args=ella_args(enabled=False))
+    assert "ELLA" not in processed.infotexts[0]  # ELLA off: its setting is none of the image's business
 
 
 def test_disabled_changes_nothing(host):

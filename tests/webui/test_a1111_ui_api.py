@@ -74,6 +74,43 @@ def test_infotext_round_trip_through_options():
     assert options.from_mapping(infotext.from_infotext(infotext.values(chosen))) == chosen
 
 
+def pasted_overrides(host, controls, params):
+    """modules/infotext_utils.py connect_paste: the on_infotext_pasted callbacks, then the settings overrides of the
+    keys no paste field handles (the "Override settings" dropdown)."""
+    from modules import infotext_utils, script_callbacks
+
+    params = dict(params)
+    script_callbacks.infotext_pasted_callback("", params)
+    handled = {key: 1 for _, key in host.script.infotext_fields}
+    return infotext_utils.get_override_settings(params, skip_fields=handled)
+
+
+def test_paste_restores_the_emphasis_setting(host):
+    from modules import script_callbacks, shared
+
+    script_callbacks.ui_settings_callback()
+    controls = build(host.script)
+    shared.opts.set("ella_emphasis", "off")
+    p, processed = host.run("(red:1.5) cube", steps=1)
+    made_off = {"Prompt": "(red:1.5) cube", **{k: v for k, v in p.extra_generation_params.items() if v is not None}}
+    assert made_off["ELLA emphasis"] == "off"
+    shared.opts.set("ella_emphasis", "attention")
+    assert pasted_overrides(host, controls, made_off) == [("ELLA emphasis", "ella_emphasis", "off")]
+    # an image made with the default records nothing; pasted while the setting is off, the default comes back
+    p, _ = host.run("(red:1.5) cube", steps=1)
+    made_default = {"Prompt": "(red:1.5) cube", **{k: v for k, v in p.extra_generation_params.items() if v is not None}}
+    assert "ELLA emphasis" not in made_default
+    shared.opts.set("ella_emphasis", "off")
+    assert pasted_overrides(host, controls, made_default) == [("ELLA emphasis", "ella_emphasis", "attention")]
+    # ... only when its prompt has emphasis (as the host's own "Emphasis"), and only for an image ELLA conditioned
+    assert pasted_overrides(host, controls, {**made_default, "Prompt": "red cube"}) == []
+    assert pasted_overrides(host, controls, {"Prompt": "(red:1.5) cube", "Steps": "20"}) == []
+    # and the override pastes back into the generation as the host reads it
+    from modules import infotext_utils
+
+    assert infotext_utils.create_override_settings_dict(["ELLA emphasis: off"]) == {"ella_emphasis": "off"}
+
+
 def test_settings_section(host):
     from modules import shared
 
@@ -83,6 +120,10 @@ def test_settings_section(host):
     assert set(settings.DEFAULTS) <= set(shared.opts.data_labels)
     assert all(shared.opts.data_labels[k].section == ("ella", "ELLA") for k in settings.DEFAULTS)
     assert shared.opts.ella_llm_dtype == "auto"
+    assert shared.opts.ella_emphasis == "attention"
+    emphasis = shared.opts.data_labels["ella_emphasis"]
+    assert emphasis.label == "Emphasis in the LLM prompt" and emphasis.infotext == "ELLA emphasis"
+    assert emphasis.component_args == {"choices": ["attention", "off"]}
 
 
 def test_xyz_axes_added_once(host):
@@ -104,7 +145,9 @@ def test_xyz_axes_added_once(host):
     finally:
         scripts.scripts_data.clear()
     labels = [o.label for o in grid.axis_options]
-    assert labels == ["[ELLA] Enabled", "[ELLA] Connector", "[ELLA] Token length", "[ELLA] CLIP mode"]
+    assert labels == ["[ELLA] Enabled", "[ELLA] Connector", "[ELLA] Token length", "[ELLA] CLIP mode",
+                      "[ELLA] Emphasis"]
+    assert grid.axis_options[4].choices() == ["attention", "off"]
     assert CONNECTOR in grid.axis_options[1].choices()
 
 

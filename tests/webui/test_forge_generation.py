@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ella_ext.prompts import WeightedText
+
 from .conftest import CONNECTOR, ENCODER, ella_args, fail_conditioner_at, forge_sd_model
 
 
@@ -52,6 +54,9 @@ def test_host_detected_and_callbacks_registered_without_name(forge_host):
 
 
 def test_euler_rows_timesteps_and_tensors_as_the_unet_gets_them(forge_host, reference):
+    from modules import shared
+
+    shared.opts.data["ella_emphasis"] = "off"  # the LLM reads the plain text: the rows are today's
     p, processed = forge_host.run("a (red:1.2) cube on a table", "blurry", steps=4, sampler_name="Euler")
     assert forge_host.reported() == []
     assert texts_per_call(forge_host) == [["a red cube on a table", "blurry"]] * 4
@@ -68,6 +73,27 @@ def test_euler_rows_timesteps_and_tensors_as_the_unet_gets_them(forge_host, refe
     assert forge_host.recorded.calls[0][1] == [999.0, 999.0]
     info = processed.infotexts[0]
     assert f"ELLA: {CONNECTOR}" in info and f"ELLA LLM: {ENCODER}" in info and "ELLA error" not in info
+    assert "ELLA emphasis: off" in info
+
+
+def test_emphasis_rows_as_the_unet_gets_them(forge_host, reference):
+    p, processed = forge_host.run("(red:1.5) cube", "blurry", steps=3)
+    assert forge_host.reported() == []
+    for call, (texts, timesteps, rows) in enumerate(forge_host.recorded.calls):
+        assert texts == [WeightedText("red cube", (1.5, 1.0)), "blurry"]
+        expected = reference("red cube", timesteps[0], word_weights=[1.5, 1.0])
+        torch.testing.assert_close(rows[0], expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(rows[0], reference("red cube", timesteps[0]), atol=1e-3)
+        (chunk,) = chunks(p)[call]
+        torch.testing.assert_close(chunk.crossattn[0].float(), expected, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(chunk.crossattn[1].float(), reference("blurry", timesteps[1]), atol=2e-3,
+                                   rtol=2e-3)
+    assert "ELLA emphasis" not in processed.infotexts[0]
+    from modules import script_callbacks
+
+    script_callbacks.ui_settings_callback()  # the host registers the settings when it starts
+    _, processed = forge_host.run("(red:1.5) cube", "blurry", steps=1, override_settings={"ella_emphasis": "off"})
+    assert forge_host.recorded.calls[0][0] == ["red cube", "blurry"]
 
 
 def test_disabled_changes_nothing(forge_host):

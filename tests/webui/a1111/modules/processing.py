@@ -14,12 +14,16 @@ before hires fix, when that setting is on; the double always makes it), a new sa
 answers with ``Processed.js()`` (JSON; a value it cannot hold becomes null). ``p.rng`` (``rng.ImageRNG``, one per
 batch) is a seeded stand-in here.
 ``create_infotext``: a list value is indexed by the image, a callable gets the function's locals (``p``, ``index``).
+``process_images`` applies ``p.override_settings`` (the API's ``override_settings``, the UI's "Override settings", the
+XYZ plot's setting axes) with ``opts.set`` before anything else runs, and restores the previous values afterwards
+(``override_settings_restore_afterwards``, True by default).
 
 The double's "CLIP" gives each text a fixed pseudo-random ``[77 * k, C]`` tensor (``k`` = 75-token chunks, one per 75
 words); SDXL rows are ``{"crossattn", "vector"}``. With ``controlnet=True`` every row gets sd-webui-controlnet's
 marker token first (``scripts/hook.py`` ``mark_prompt_context``: +1024 for cond rows, -1024 for uncond rows).
 """
 
+import contextlib
 import json
 import re
 import zlib
@@ -82,7 +86,7 @@ class StableDiffusionProcessing:
     def __init__(self, prompt, negative_prompt="", *, batch_size=1, n_iter=1, steps=4, sampler_name="Euler",
                  cfg_scale=7.0, script_args=(), enable_hr=False, hr_second_pass_steps=0, hr_prompt="",
                  hr_negative_prompt="", hr_sampler_name=None, denoising_strength=0.5, controlnet=False, seed=1,
-                 scheduler="Automatic", hr_scheduler=None):
+                 scheduler="Automatic", hr_scheduler=None, override_settings=None):
         self.prompt = prompt
         self.negative_prompt = negative_prompt
         self.batch_size = batch_size
@@ -104,6 +108,7 @@ class StableDiffusionProcessing:
         self.sampler = None
         self.rng = None
         self.seeds = [seed + i for i in range(batch_size)]
+        self.override_settings = dict(override_settings or {})
         self.sd_model = shared.sd_model
         self.extra_generation_params = {}
         self.is_hr_pass = False
@@ -156,7 +161,25 @@ def create_infotext(p, index):
     return ", ".join(f"{k}: {v}" for k, v in params.items() if v is not None)
 
 
-def process_images(p, runner):
+@contextlib.contextmanager
+def _overridden_settings(p):
+    opts = shared.opts
+    stored = {key: opts.data[key] for key in p.override_settings if key in opts.data}
+    for key, value in p.override_settings.items():
+        opts.set(key, value, is_api=True, run_callbacks=False)
+    try:
+        yield
+    finally:
+        for key, value in stored.items():
+            setattr(opts, key, value)
+
+
+def process_images(p, runner):  # double-simplified: the scripts' runner is passed in (the host's is p.scripts)
+    with _overridden_settings(p):
+        return _process_images_inner(p, runner)
+
+
+def _process_images_inner(p, runner):
     runner.call("process", p)
     infotexts = []
     size = p.batch_size

@@ -1,6 +1,8 @@
 """Imitates ``modules/shared.py`` + ``modules/options.py`` (A1111 v1.10.1): ``opts`` returns a registered option's
-default until set; ``cmd_opts`` holds the command-line flags; ``state`` the job's interrupt/skip flags; ``sd_model``
-is the loaded checkpoint."""
+default until set; ``opts.set`` (what ``process_images`` applies ``override_settings`` with) changes a registered
+option; ``opts.cast_value`` casts text to the type of the option's default; ``OptionInfo(..., infotext=...)`` names the
+info-text key that pasting turns into a settings override; ``cmd_opts`` holds the command-line flags; ``state`` the
+job's interrupt/skip flags; ``sd_model`` is the loaded checkpoint."""
 
 from types import SimpleNamespace
 
@@ -15,6 +17,8 @@ class OptionInfo:
         self.component_args = component_args
         self.section = section
         self.comment_after = comment_after
+        self.infotext = infotext
+        self.restrict_api = restrict_api
 
     def info(self, info):
         self.comment_after += f"<span class='info'>({info})</span>"
@@ -33,6 +37,27 @@ class Options:
 
     def __setattr__(self, key, value):
         self.data[key] = value
+
+    def set(self, key, value, is_api=False, run_callbacks=True):
+        """True if the option changed; an unregistered key raises KeyError (``self.data_labels[key]``)."""
+        if self.data.get(key, None) == value:
+            return False
+        option = self.data_labels[key]
+        if is_api and option.restrict_api:
+            return False
+        setattr(self, key, value)
+        return True
+
+    def cast_value(self, key, value):
+        if value is None:
+            return None
+        default = self.data_labels[key].default
+        if default is None:
+            default = getattr(self, key, None)
+        if default is None:
+            return None
+        kind = type(default)
+        return False if kind is bool and value == "False" else kind(value)
 
     def __getattr__(self, item):
         if item in self.data:

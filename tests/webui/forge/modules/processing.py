@@ -15,7 +15,9 @@ A1111's flow (the A1111 double's classes and CLIP stand-in are reused) and adds:
 - classic's ``create_infotext`` and ``Processed.js`` are A1111 1.8's: a callable value is neither called nor
   serialisable (the API answers HTTP 500);
 - new: ``uc = None`` when ``cfg_scale == 1`` and ``hr_uc = None`` when ``hr_cfg == 1``; ``hr_cfg`` is the hires
-  pass's CFG scale (``CFGDenoiser.forward``).
+  pass's CFG scale (``CFGDenoiser.forward``);
+- ``process_images`` applies ``p.override_settings`` as A1111 does (classic: ``opts.set`` per key; new:
+  ``set_config(p.override_settings, is_api=True, run_callbacks=False, save_config=False)``), restoring them after.
 """
 
 import json
@@ -97,7 +99,12 @@ def _sample(p, x, noise, c, uc, **kwargs):
     return p.sampler.sample(p, x, c, uc)
 
 
-def process_images(p, runner):
+def process_images(p, runner):  # double-simplified: the scripts' runner is passed in (the host's is p.scripts)
+    with base._overridden_settings(p):
+        return _process_images_inner(p, runner)
+
+
+def _process_images_inner(p, runner):
     runner.call("process", p)
     infotexts = []
     size = p.batch_size

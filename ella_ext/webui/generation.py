@@ -275,7 +275,7 @@ def watch_sampler(p) -> None:
     generation: Generation | None = getattr(p, ATTRIBUTE, None)
     sampler = getattr(p, "sampler", None)
     func = getattr(sampler, "func", None)
-    if generation is None or not callable(func) or getattr(func, WATCHED, False):
+    if generation is None or not callable(func) or getattr(func, WATCHED, False) or not settings.get("ella_foresee"):
         return
     sampler.func = _watched(func)
 

@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "ella_encoding_cache": 256,
     "ella_tsc_cache": 1024,
     "ella_precompute_mb": 256,
+    "ella_foresee": True,
     "ella_unload_minutes": 15,
     "ella_allow_download": True,
     "ella_allow_paths": False,
@@ -82,6 +83,9 @@ def on_ui_settings() -> None:
         info="a sampling pass's outputs are computed in a few large batches before its first step, so that each "
              "step only looks them up; a pass needing more memory computes them batch by batch as its steps reach "
              "them")
+    add("ella_foresee", "Foresee each sampling pass's steps (a dry run of the sampler before it starts)",
+        info="off: each step computes its connector outputs when it comes, as before version 0.2; an escape hatch for "
+             "a sampler or extension the dry run does not suit")
     add("ella_unload_minutes", "Unload ELLA's models after this many minutes unused (0: never)", gr.Slider,
         {"minimum": 0, "maximum": 240, "step": 1})
     add("ella_allow_download", "Download the official models on first use",

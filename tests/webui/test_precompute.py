@@ -304,3 +304,18 @@ def test_a_model_switched_mid_pass_stops_the_lookups(any_host, monkeypatch):
     script_callbacks.callback_map["cfg_denoiser"].pop(0)
     assert any_host.reported() == []
     assert run["foreseen"] == [True, True, False, False, False]
+
+
+def test_the_foresee_setting_off_computes_each_call_at_the_call(any_host, monkeypatch):
+    """Settings > ELLA > foresee off: no dry run, the sampler function is the host's own, every call computed per
+    call (the escape hatch for a sampler or extension the dry run does not suit)."""
+    from modules import shared
+
+    shared.opts.ella_foresee = False
+    try:
+        run = generate(any_host, monkeypatch, prompt="a cube", steps=4, sampler_name="Euler a")
+    finally:
+        shared.opts.ella_foresee = True
+    assert not any(run["foreseen"]) and len(run["texts"]) == 4
+    assert "ELLA error" not in run["processed"].infotexts[0]
+    assert run["passes"][-1] - run["passes"][0] == 3  # one TSC pass per call after the first

@@ -84,7 +84,7 @@ def on_ui_settings() -> None:
              "step only looks them up; a pass needing more memory computes them batch by batch as its steps reach "
              "them")
     add("ella_foresee", "Foresee each sampling pass's steps (a dry run of the sampler before it starts)",
-        info="off: each step computes its connector outputs when it comes, as before version 0.2; an escape hatch for "
+        info="off: each step computes its connector outputs when it comes (no dry run); an escape hatch for "
              "a sampler or extension the dry run does not suit")
     add("ella_unload_minutes", "Unload ELLA's models after this many minutes unused (0: never)", gr.Slider,
         {"minimum": 0, "maximum": 240, "step": 1})

@@ -2,7 +2,8 @@
 
     python tools/make_tiny_models.py /path/to/webui/models      # with the WebUI's Python (torch, transformers)
 
-Writes ``ELLA/tiny-sd15.safetensors`` (a random connector: SD 1.5's 768-wide context from the tiny LLM's features)
+Writes ``ELLA/tiny-sd15.safetensors`` (a random connector: SD 1.5's 768-wide context from the tiny LLM's features),
+``ELLA/tiny-sd15-other-llm.safetensors`` (the same weights, its metadata naming another LLM, for the mismatch warning)
 and ``ELLA/text_encoders/tiny-t5/`` (a tiny T5 encoder with a sentencepiece tokenizer trained on a few sentences),
 made by the same code the tests use. Random weights: images change with ELLA, but show nothing. A LoRA for the
 smoke's LoRA check is not made here: give ``--lora NAME`` of any LoRA in models/Lora (the real-host recipes'
@@ -19,11 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ella_ext.connector import Connector, ConnectorConfig  # noqa: E402
-from ella_ext.connector_file import save_connector  # noqa: E402
+from ella_ext.connector_file import META_LLM, save_connector  # noqa: E402
 from tests.random_weights import init_random  # noqa: E402
 from tests.tiny_llms import HIDDEN, make_t5  # noqa: E402
 
 CONNECTOR = "tiny-sd15"
+OTHER_LLM_CONNECTOR = "tiny-sd15-other-llm"
 TEXT_ENCODER = "tiny-t5"
 
 
@@ -38,8 +40,10 @@ def main() -> None:
                              input_dim=HIDDEN, output_dim=args.width)
     connector = init_random(Connector(config), torch.Generator().manual_seed(3), std=0.2).eval()
     path = ella / f"{CONNECTOR}.safetensors"
-    save_connector(connector, path)
-    print(f"connector    {path}\ntext encoder {encoder}")
+    save_connector(connector, path, metadata={META_LLM: TEXT_ENCODER})
+    other = ella / f"{OTHER_LLM_CONNECTOR}.safetensors"
+    save_connector(connector, other, metadata={META_LLM: "some-org/other-llm"})
+    print(f"connectors   {path}, {other}\ntext encoder {encoder}")
     print(f"use: python tools/webui_smoke.py --connector {CONNECTOR} --text-encoder {TEXT_ENCODER} [--lora NAME]")
 
 

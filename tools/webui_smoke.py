@@ -99,6 +99,28 @@ check("a path as connector -> 422, the same answer", s12 == 422 and "not one of 
 s10, r10 = call("/ella/v1/tokens", {"text": "a red cube on a blue sphere", "text_encoder": cli.text_encoder})
 check("token counter endpoint", s10 == 200 and isinstance(r10.get("tokens"), int) and r10["tokens"] > 3)
 print(json.dumps(r10))
+# Issue 10: foreseeing a pass (the sampler's dry run) must not change the image: the same seed with the dry run off
+# (each call computed at the call) gives the same picture up to rounding, unlike another seed.
+for sampler in ("Euler a", "DPM++ 2M SDE", "Heun", "DDIM"):
+    sa, ra, ia = gen(f"{sampler}, ELLA, foreseen", [ELLA], sampler_name=sampler)
+    sb, rb, ib = gen(f"{sampler}, ELLA, not foreseen", [ELLA], sampler_name=sampler, override_settings={"ella_foresee": False})
+    sc, rc, ic = gen(f"{sampler}, ELLA, another seed", [ELLA], sampler_name=sampler, seed=2)
+    if sa == sb == sc == 200:
+        same, other = np.abs(image(ra) - image(rb)).mean(), np.abs(image(ra) - image(rc)).mean()
+        print(f"{sampler}: mean |diff| foreseen vs not {same:.3f}, vs another seed {other:.3f}")
+    check(f"{sampler}: the dry run changes nothing (foreseen = not foreseen, unlike another seed)", sa == sb == sc == 200 and "ELLA error" not in ia + ib and same < 0.5 and other > 5 * max(same, 0.1))
+# Issue 11: emphasis weights the connector's attention; weight 1 changes nothing; the setting off reads plain text.
+e0, q0, _ = gen("emphasis: plain", [ELLA], prompt="a red cube")
+e1, q1, _ = gen("emphasis: (red:1)", [ELLA], prompt="a (red:1) cube")
+e2, q2, j2 = gen("emphasis: (red:1.5)", [ELLA], prompt="a (red:1.5) cube")
+e3, q3, j3 = gen("emphasis: (red:1.5), setting off", [ELLA], prompt="a (red:1.5) cube", override_settings={"ella_emphasis": "off"})
+if e0 == e1 == e2 == e3 == 200:
+    print(f"emphasis: mean |diff| vs plain: (red:1) {np.abs(image(q0) - image(q1)).mean():.3f}, (red:1.5) {np.abs(image(q0) - image(q2)).mean():.3f}, (red:1.5) off {np.abs(image(q0) - image(q3)).mean():.3f}")
+check("emphasis: (red:1) = plain, (red:1.5) differs, setting off = plain", e0 == e1 == e2 == e3 == 200 and np.abs(image(q0) - image(q1)).mean() == 0 and np.abs(image(q0) - image(q2)).mean() > 0 and np.abs(image(q0) - image(q3)).mean() == 0 and "ELLA emphasis: off" in j3)
+# Issue 9 item 8: a connector whose metadata names another LLM runs, with a warning.
+if "tiny-sd15-other-llm" in [c["name"] for c in models.get("connectors", [])]:
+    s14, r14, i14 = gen("connector trained with another LLM", [{**ELLA, "connector": "tiny-sd15-other-llm"}])
+    check("another LLM: image made, ELLA warning names it", s14 == 200 and "ELLA warning: the connector tiny-sd15-other-llm was trained with the LLM some-org/other-llm" in i14 and "ELLA error" not in i14)
 s13, r13 = call("/ella/v1/tokens", {"text": 5, "text_encoder": cli.text_encoder})
 check("token counter: bad input -> 422 {error, detail}", s13 == 422 and r13.get("error") == "ELLAArgumentError" and "detail" in r13)
 print("\nSUMMARY:", sum(ok for _, ok in results), "of", len(results), "passed")

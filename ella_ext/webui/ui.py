@@ -8,19 +8,30 @@ Host facts (A1111 v1.10.1): ``modules/ui_components.py`` ``InputAccordion`` (a h
 accordion; its value is the checkbox's), ``modules/ui_common.py`` ``create_refresh_button(component, refresh_method,
 refreshed_args, elem_id)``, ``modules/scripts.py`` ``Script.infotext_fields`` / ``paste_field_names``,
 ``modules/infotext_utils.py``: pasted text goes through ``on_infotext_pasted`` callbacks, then each field takes
-``params[key]`` cast to its control's type; "Send to" copies the controls whose key is in ``paste_field_names``.
+``params[key]`` cast to its control's type; "Send to" copies the controls whose key is in ``paste_field_names``;
+``modules/ui_loadsave.py`` saves the values of labelled controls and buttons to ui-config.json unless the component has
+``do_not_save_to_config``.
+
+The LLM token counter works like the host's own (``modules/ui_toprow.py``, ``modules/ui.py`` ``update_token_counter``,
+``javascript/token-counters.js``): ``javascript/ella.js`` clicks a hidden button, the count is made in Python and
+comes back as the counter's HTML. It is a UI event (``queue=False``), so the UI's own authentication covers it and it
+needs no HTTP API; ``/ella/v1/tokens`` stays for API clients.
 """
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 import gradio as gr
 
 from .. import options
-from . import infotext, loading
+from ..errors import ELLAError
+from . import api, infotext, loading
 
 CONTROL_NAMES = options.FIELD_NAMES  # the UI returns its controls in this order: the script's args
+FLEXIBLE_LIMIT = 512  # T5's limit: in flexible mode the LLM reads no more (text_encoders.FALLBACK_LIMIT)
+GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4
 
 
 def build(script, is_img2img: bool) -> list[Any]:
@@ -59,18 +70,69 @@ def build(script, is_img2img: bool) -> list[Any]:
                                 elem_id=elem("llm_prompt"),
                                 placeholder="Empty: the LLM reads the main prompt. With ELLA + CLIP, CLIP still reads "
                                             "the main prompt.")
+        # the main prompt's text for the token counter: ella.js puts it in when it asks (the value itself is never
+        # shown, so this needs no DOM node and may be invisible; it shares llm_prompt's form, adding no empty box)
+        count_text = gr.Textbox(value="", visible=False, elem_id=elem("token_text"))
         with gr.Row():
             hires = gr.Checkbox(label="Apply in the hires pass", value=defaults.hires, elem_id=elem("hires"))
             unload = gr.Button("Unload ELLA models", elem_id=elem("unload"))
+            # clicked by ella.js: it must be in the DOM, so it is visible and hidden by style.css (gradio 3 and 4
+            # both render visible=False components hidden, but nothing promises they stay in the DOM)
+            count = gr.Button("Count ELLA tokens", elem_id=elem("token_button"), elem_classes=["ella-hidden"])
         status = gr.HTML(_status_html(connector.value, text_encoder.value), elem_id=elem("status"))
+        # moved beside the host's token counter by ella.js
+        counter = gr.HTML("", elem_id=elem("token_counter"), elem_classes=["ella-token-counter"])
+        for extra in (count_text, count, counter):
+            extra.do_not_save_to_config = True  # not a setting: nothing for ui-config.json
         unload.click(fn=_unload, inputs=[], outputs=[status])
         for choice in (connector, text_encoder):
             choice.change(fn=_status_html, inputs=[connector, text_encoder], outputs=[status], show_progress="hidden")
+        counted = count.click(fn=token_counter_html,
+                              inputs=[count_text, enabled, text_encoder, token_length, max_length, llm_prompt],
+                              outputs=[counter], show_progress="hidden", queue=False,
+                              **_js(f"(...args) => ellaTokenCounterArgs('{tab}', args)"),
+                              **({"trigger_mode": "always_last"} if GRADIO_4 else {}))
+        # after each answer: ask again if the inputs changed meanwhile (gradio 3 drops a click while one is pending)
+        counted.then(fn=None, inputs=None, outputs=None, queue=False, **_js(f"() => ellaTokenCounterAnswered('{tab}')"))
 
     controls = [enabled, connector, text_encoder, token_length, max_length, clip_mode, negative, llm_prompt, hires]
     script.infotext_fields = [(control, infotext.PASTE_KEYS[name]) for name, control in zip(CONTROL_NAMES, controls)]
     script.paste_field_names = list(infotext.PASTE_KEYS.values())
     return controls
+
+
+def token_counter_html(text: str, enabled: bool, text_encoder: str, token_length: str, max_length: float,
+                       llm_prompt: str) -> str:
+    """The token counter's HTML: ``ELLA n`` (flexible) or ``ELLA n/max`` (fixed), marked past the limit; nothing
+    while ELLA is off. ``text`` is the main prompt; the LLM reads the ELLA prompt instead when there is one."""
+    if not enabled:
+        return ""
+    own = bool((llm_prompt or "").strip())
+    fixed = token_length == options.FIXED
+    limit = int(max_length) if fixed else FLEXIBLE_LIMIT
+    try:
+        tokens = api.count_tokens(llm_prompt if own else (text or ""), text_encoder or None)["tokens"]
+    except ELLAError as err:  # an unlisted name, a text encoder not downloaded yet
+        return _counter_span("ELLA ?", str(err), over=False)
+    except Exception as err:  # an unreadable tokenizer must not break the UI
+        return _counter_span("ELLA ?", f"ELLA cannot count tokens: {err}", over=False)
+    source = "the ELLA prompt" if own else "the prompt"
+    if tokens > limit:
+        title = f"{tokens} tokens in {source}, over {limit}: the text encoder reads only the first {limit}"
+    else:
+        title = f"Tokens the ELLA text encoder reads from {source} (the longest AND part or schedule variant)"
+    return _counter_span(f"ELLA {tokens}/{limit}" if fixed else f"ELLA {tokens}", title, over=tokens > limit)
+
+
+def _counter_span(text: str, title: str, over: bool) -> str:
+    classes = "ella-count ella-over" if over else "ella-count"
+    return f"<span class='{classes}' title='{html.escape(title, quote=True)}'>{html.escape(text)}</span>"
+
+
+def _js(code: str) -> dict[str, str]:
+    """The keyword that runs JavaScript before an event: ``_js`` in gradio 3, ``js`` in gradio 4 (Forge new renames
+    ``_js`` itself, but a plain gradio 4 does not)."""
+    return {"js": code} if GRADIO_4 else {"_js": code}
 
 
 def on_infotext_pasted(_infotext: str, params: dict[str, Any]) -> None:

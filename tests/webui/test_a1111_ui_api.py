@@ -3,6 +3,8 @@ parameters back, settings, XYZ axes, and the HTTP API (model listing, token coun
 
 from __future__ import annotations
 
+from html.parser import HTMLParser
+
 import gradio as gr
 import pytest
 from fastapi.security import HTTPBasicCredentials  # module level: FastAPI resolves the dependency's annotation here
@@ -27,6 +29,126 @@ def test_ui_builds_twice_with_the_documented_controls(host):
         assert values == [getattr(options.DEFAULTS, name) for name in options.FIELD_NAMES]
         assert CONNECTOR in controls[1].choices or (CONNECTOR, CONNECTOR) in controls[1].choices
     assert host.reported() == []
+
+
+def blocks_by_elem_id(demo) -> dict:
+    return {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+
+
+def events(demo, target, trigger):
+    """(fn, inputs, outputs, js, queue) of each event ``target``'s ``trigger`` starts: gradio 3 keeps them in two lists
+    (``dependencies`` dicts and ``fns``), gradio 4 in one dict of ``BlockFunction``s."""
+    if isinstance(demo.fns, dict):  # gradio 4
+        return [(f.fn, f.inputs, f.outputs, f.js, f.queue) for f in demo.fns.values()
+                if (target._id, trigger) in [tuple(t) for t in f.targets]]
+    return [(f.fn, f.inputs, f.outputs, d["js"], d["queue"]) for d, f in zip(demo.dependencies, demo.fns)
+            if d["trigger"] == trigger and target._id in d["targets"]]
+
+
+def follow_ups(demo, event_fn):
+    """The JavaScript of the events that run after the event whose Python function is ``event_fn`` (``.then``)."""
+    if isinstance(demo.fns, dict):
+        index = next(i for i, f in demo.fns.items() if f.fn is event_fn)
+        return [f.js for f in demo.fns.values() if f.trigger_after == index]
+    index = next(i for i, f in enumerate(demo.fns) if f.fn is event_fn)
+    return [d["js"] for d in demo.dependencies if d["trigger_after"] == index]
+
+
+@pytest.mark.parametrize("tab", ["txt2img", "img2img"])
+def test_token_counter_is_a_ui_event_of_the_accordion(host, tab):
+    """javascript/ella.js clicks #ella_<tab>_token_button and reads #ella_<tab>_token_counter; the event runs outside
+    the queue (as the host's counter), its JavaScript puts the prompt into the first input, and none of these
+    components is one of the script's args or a ui-config.json entry."""
+    with gr.Blocks() as demo:
+        controls = host.script.ui(tab == "img2img")
+    ids = blocks_by_elem_id(demo)
+    button, counter, text = (ids[f"ella_{tab}_{name}"] for name in ("token_button", "token_counter", "token_text"))
+    assert not {id(button), id(counter), id(text)} & {id(c) for c in controls} and len(controls) == 9
+    assert all(c.do_not_save_to_config for c in (button, counter, text))
+    assert button.visible and "ella-hidden" in button.elem_classes  # in the DOM for ella.js to click, hidden by CSS
+    assert counter.visible
+    [(fn, inputs, outputs, js, queue)] = events(demo, button, "click")
+    assert queue is False and f"ellaTokenCounterArgs('{tab}', args)" in js
+    enabled, _, encoder, token_length, max_length, _, _, llm_prompt, _ = controls
+    assert [id(c) for c in inputs] == [id(c) for c in (text, enabled, encoder, token_length, max_length, llm_prompt)]
+    assert [id(c) for c in outputs] == [id(counter)]
+    assert fn is ui_module().token_counter_html
+    if isinstance(demo.fns, dict):  # gradio 4 drops a click while the event runs unless told to run the last one
+        assert next(f for f in demo.fns.values() if f.fn is fn).trigger_mode == "always_last"
+    assert [f"ellaTokenCounterAnswered('{tab}')" in (j or "") for j in follow_ups(demo, fn)] == [True]
+
+
+def ui_module():
+    from ella_ext.webui import ui
+
+    return ui
+
+
+class _Span(HTMLParser):
+    def __init__(self, text):
+        super().__init__()
+        self.spans, self.text = [], ""
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.spans.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text += data
+
+
+def counter(html_text):
+    """(text, classes, title) of the counter's HTML."""
+    parsed = _Span(html_text)
+    [(tag, attrs)] = parsed.spans
+    assert tag == "span"
+    return parsed.text, attrs["class"].split(), attrs["title"]
+
+
+@pytest.fixture
+def llm_tokens(models_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(models_dir / "ELLA" / "text_encoders" / ENCODER)
+    return lambda text: len(tokenizer(text)["input_ids"])
+
+
+def test_token_counter_event_counts_in_python(host, llm_tokens):
+    count = ui_module().token_counter_html
+    prompt, other = "a red cube on a blue sphere", "a cat"
+    assert llm_tokens(prompt) != llm_tokens(other)
+
+    text, classes, title = counter(count(prompt, True, ENCODER, "Flexible", 128, ""))
+    assert (text, classes) == (f"ELLA {llm_tokens(prompt)}", ["ella-count"]) and "from the prompt" in title
+    text, classes, _ = counter(count(prompt, True, ENCODER, "Fixed", 128.0, ""))  # a gradio 3 slider gives floats
+    assert (text, classes) == (f"ELLA {llm_tokens(prompt)}/128", ["ella-count"])
+    text, _, title = counter(count(prompt, True, ENCODER, "Flexible", 128, other))  # the LLM reads the ELLA prompt
+    assert text == f"ELLA {llm_tokens(other)}" and "from the ELLA prompt" in title
+    assert count(prompt, False, ENCODER, "Fixed", 128, "") == ""  # ELLA off: nothing shown
+
+    text, classes, _ = counter(count(prompt, True, ENCODER, "Fixed", llm_tokens(prompt), ""))  # at the max: not over
+    assert (text, classes) == (f"ELLA {llm_tokens(prompt)}/{llm_tokens(prompt)}", ["ella-count"])
+    limit = llm_tokens(prompt) - 1  # over the fixed max
+    text, classes, title = counter(count(prompt, True, ENCODER, "Fixed", limit, ""))
+    assert (text, classes) == (f"ELLA {llm_tokens(prompt)}/{limit}", ["ella-count", "ella-over"])
+    assert f"reads only the first {limit}" in title
+    long = ", ".join(["a red cube"] * 200)  # over flexible mode's 512
+    assert llm_tokens(long) > 512
+    text, classes, title = counter(count(long, True, ENCODER, "Flexible", 128, ""))
+    assert (text, classes) == (f"ELLA {llm_tokens(long)}", ["ella-count", "ella-over"])
+    assert "reads only the first 512" in title
+    text, classes, _ = counter(count(long, True, ENCODER, "Fixed", 512, ""))
+    assert (text, classes) == (f"ELLA {llm_tokens(long)}/512", ["ella-count", "ella-over"])
+
+
+@pytest.mark.parametrize(("encoder", "needle"), [
+    ("nope", "'nope' is not one of the listed models"),
+    ("/etc", "is not one of the listed models"),
+    ("", "flan-T5-XL"),  # the official one by default: listed, not downloaded
+])
+def test_token_counter_event_says_why_it_cannot_count(host, encoder, needle):
+    text, classes, title = counter(ui_module().token_counter_html("a cat", True, encoder, "Fixed", 128, ""))
+    assert (text, classes) == ("ELLA ?", ["ella-count"]) and needle in title
 
 
 def test_ui_lists_models_of_the_folder_and_the_official_ones(host):

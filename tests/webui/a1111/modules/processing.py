@@ -138,12 +138,10 @@ class StableDiffusionProcessing:
     def setup_conds(self):
         self.c, self.uc = self._conds(self.prompts, self.negative_prompts)
 
-    def calculate_hr_conds(self):
-        self.hr_c, self.hr_uc = self._conds(self.hr_prompts, self.hr_negative_prompts)
-
 
 class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
-    pass
+    def calculate_hr_conds(self):  # Txt2Img's only, as in the host (modules/processing.py line 1499)
+        self.hr_c, self.hr_uc = self._conds(self.hr_prompts, self.hr_negative_prompts)
 
 
 class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):

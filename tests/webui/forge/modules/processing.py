@@ -58,14 +58,12 @@ class StableDiffusionProcessing(base.StableDiffusionProcessing):
         if NEW and self.cfg_scale == 1:
             self.uc = None
 
-    def calculate_hr_conds(self):
+
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing, base.StableDiffusionProcessingTxt2Img):
+    def calculate_hr_conds(self):  # Txt2Img's only, as in both hosts (classic line 1431, new line 1575)
         super().calculate_hr_conds()
         if NEW and self.hr_cfg == 1:
             self.hr_uc = None
-
-
-class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
-    pass
 
 
 class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):

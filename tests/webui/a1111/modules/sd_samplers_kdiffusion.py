@@ -58,8 +58,9 @@ class CFGDenoiserKDiffusion(CFGDenoiser):
 class KDiffusionSampler(sd_samplers_common.Sampler):
     denoiser_class = CFGDenoiserKDiffusion  # the host builds this class here; a Forge double puts its own
 
-    def __init__(self, funcname, sd_model):
+    def __init__(self, funcname, sd_model, options=None):
         super().__init__(funcname)
+        self.options = options or {}
         self.func = funcname if callable(funcname) else getattr(k_diffusion.sampling, funcname)
         self.model_wrap_cfg = self.denoiser_class(self)
         self.model_wrap = self.model_wrap_cfg.inner_model

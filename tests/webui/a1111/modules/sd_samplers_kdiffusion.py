@@ -1,5 +1,5 @@
-"""Imitates ``modules/sd_samplers_kdiffusion.py`` (A1111 v1.10.1) with the real k-diffusion package (the tests
-register its ``external`` and ``sampling`` modules, see ``tests/kdiffusion.py``):
+"""Imitates ``modules/sd_samplers_kdiffusion.py`` (A1111 v1.10.1) with the real k-diffusion package: the tests
+register its ``external`` and ``sampling`` modules (see ``tests/kdiffusion.py``).
 
 - ``samplers_k_diffusion``: (label, function, aliases, options) as the host lists them (a subset: LMS needs scipy,
   DPM fast/adaptive are left out); the functions are k-diffusion's own, Restart is ``sd_samplers_extra``'s;

@@ -42,6 +42,8 @@ samplers_k_diffusion = [
                                                          "uses_ensd": True, "second_order": True}),
     ("Restart", sd_samplers_extra.restart_sampler, ["restart"], {"scheduler": "karras", "second_order": True}),
 ]
+# double-only: the schedules the samplers' options and p.scheduler name, as k-diffusion functions by name; stands in
+# for sd_schedulers.schedulers_map (A1111 1.10, Forge new; Forge classic: k_diffusion_scheduler)
 schedulers = {"karras": k_diffusion.sampling.get_sigmas_karras,
               "exponential": k_diffusion.sampling.get_sigmas_exponential}
 
@@ -56,7 +58,8 @@ class CFGDenoiserKDiffusion(CFGDenoiser):
 
 
 class KDiffusionSampler(sd_samplers_common.Sampler):
-    denoiser_class = CFGDenoiserKDiffusion  # the host builds this class here; a Forge double puts its own
+    # double-only: the host builds this class in __init__; a Forge double puts its own here
+    denoiser_class = CFGDenoiserKDiffusion
 
     def __init__(self, funcname, sd_model, options=None):
         super().__init__(funcname)

@@ -32,11 +32,11 @@ import torch
 
 from modules import sd_samplers, shared
 
-re_extra_net = re.compile(r"<(\w+):([^>]+)>")  # extra_networks.py
-re_AND = re.compile(r"\bAND\b")  # prompt_parser.py
+re_extra_net = re.compile(r"<(\w+):([^>]+)>")  # host: modules/extra_networks.py
+re_AND = re.compile(r"\bAND\b")  # host: modules/prompt_parser.py
 
 
-def fake_clip(text, width, sign=0.0):
+def fake_clip(text, width, sign=0.0):  # double-only: the stand-in for CLIP (see the docstring)
     chunks = 1 + len(text.split()) // 75
     generator = torch.Generator().manual_seed(zlib.crc32(text.encode()))
     rows = torch.randn(77 * chunks, width, generator=generator)
@@ -45,7 +45,7 @@ def fake_clip(text, width, sign=0.0):
     return rows
 
 
-def conditioning_row(sd_model, text, sign=0.0):
+def conditioning_row(sd_model, text, sign=0.0):  # double-only: one prompt's conditioning from the stand-in CLIP
     width = sd_model.context_width
     crossattn = fake_clip(text, width, sign).to(torch.float16)
     if getattr(sd_model, "is_sdxl", False):
@@ -54,9 +54,11 @@ def conditioning_row(sd_model, text, sign=0.0):
     return crossattn
 
 
-class ImageRNG:
+class ImageRNG:  # host: modules/rng.py
     """Stands in for ``modules/rng.py`` ``ImageRNG``: ``next()`` gives the next noise for the batch's images."""
 
+    # double-simplified: one generator seeded with the batch's first seed; no subseeds, variation strength or
+    # seed resizing (the host draws each image's noise from its own seed and subseed)
     def __init__(self, shape, seeds):
         self.shape = shape
         self.generator = torch.Generator().manual_seed(int(seeds[0]) if seeds else 0)
@@ -65,10 +67,11 @@ class ImageRNG:
         return torch.randn(self.shape, generator=self.generator)
 
 
-LATENT = (4, 8, 8)  # the double's latent shape per image
+LATENT = (4, 8, 8)  # double-only: the double's latent shape per image (the host's comes from width, height, model)
 
 
 class Processed:
+    # double-simplified: built from p and the info texts only (no images, seeds or comments to carry)
     def __init__(self, p, infotexts):
         self.infotexts = infotexts
         self.info = infotexts[0] if infotexts else ""
@@ -81,8 +84,11 @@ class Processed:
 
 
 class StableDiffusionProcessing:
-    is_img2img = False
+    is_img2img = False  # double-only: which pass process_images runs (the host tells them apart by class)
 
+    # double-simplified: the host's is a dataclass of ~45 fields; this takes what the tests set, keyword-only, plus
+    # script_args (set by the host's UI/API code), controlnet (the double's sd-webui-controlnet marker switch) and
+    # the hires fix's fields (enable_hr, hr_*: the host's are StableDiffusionProcessingTxt2Img's)
     def __init__(self, prompt, negative_prompt="", *, batch_size=1, n_iter=1, steps=4, sampler_name="Euler",
                  cfg_scale=7.0, script_args=(), enable_hr=False, hr_second_pass_steps=0, hr_prompt="",
                  hr_negative_prompt="", hr_sampler_name=None, denoising_strength=0.5, controlnet=False, seed=1,
@@ -138,18 +144,17 @@ class StableDiffusionProcessing:
     def setup_conds(self):
         self.c, self.uc = self._conds(self.prompts, self.negative_prompts)
 
-    def calculate_hr_conds(self):
+
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    def calculate_hr_conds(self):  # Txt2Img's only, as in the host (modules/processing.py line 1499)
         self.hr_c, self.hr_uc = self._conds(self.hr_prompts, self.hr_negative_prompts)
 
 
-class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
-    pass
-
-
 class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
-    is_img2img = True
+    is_img2img = True  # double-only: see StableDiffusionProcessing
 
 
+# double-simplified: the image's index only; the host also takes the prompts, seeds and batch position
 def create_infotext(p, index):
     params = {"Steps": p.steps, "Sampler": p.sampler_name, **p.extra_generation_params}
     iteration = p.iteration  # noqa: F841 - part of the locals a callable value receives, as in the host

@@ -14,7 +14,7 @@
 """
 
 import inspect
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 import k_diffusion.sampling
 import torch
@@ -22,14 +22,10 @@ import torch
 from modules import shared
 from modules.sd_samplers_cfg_denoiser import state
 
+SamplerDataTuple = namedtuple("SamplerData", ["name", "constructor", "aliases", "options"])
 
-@dataclass
-class SamplerData:
-    name: str
-    constructor: object
-    aliases: list = field(default_factory=list)
-    options: dict = field(default_factory=dict)
 
+class SamplerData(SamplerDataTuple):
     def total_steps(self, steps):
         if self.options.get("second_order", False):
             steps = steps * 2
@@ -77,6 +73,7 @@ class Sampler:
         self.model_wrap_cfg = None
         self.sampler_extra_args = None
         self.last_latent = None
+        self.options = {}
 
     def callback_state(self, d):
         state.sampling_step = d["i"]

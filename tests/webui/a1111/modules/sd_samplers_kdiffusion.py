@@ -1,5 +1,5 @@
-"""Imitates ``modules/sd_samplers_kdiffusion.py`` (A1111 v1.10.1) with the real k-diffusion package (the tests
-register its ``external`` and ``sampling`` modules, see ``tests/kdiffusion.py``):
+"""Imitates ``modules/sd_samplers_kdiffusion.py`` (A1111 v1.10.1) with the real k-diffusion package: the tests
+register its ``external`` and ``sampling`` modules (see ``tests/kdiffusion.py``).
 
 - ``samplers_k_diffusion``: (label, function, aliases, options) as the host lists them (a subset: LMS needs scipy,
   DPM fast/adaptive are left out); the functions are k-diffusion's own, Restart is ``sd_samplers_extra``'s;
@@ -42,6 +42,8 @@ samplers_k_diffusion = [
                                                          "uses_ensd": True, "second_order": True}),
     ("Restart", sd_samplers_extra.restart_sampler, ["restart"], {"scheduler": "karras", "second_order": True}),
 ]
+# double-only: the schedules the samplers' options and p.scheduler name, as k-diffusion functions by name; stands in
+# for sd_schedulers.schedulers_map (A1111 1.10, Forge new; Forge classic: k_diffusion_scheduler)
 schedulers = {"karras": k_diffusion.sampling.get_sigmas_karras,
               "exponential": k_diffusion.sampling.get_sigmas_exponential}
 
@@ -56,10 +58,12 @@ class CFGDenoiserKDiffusion(CFGDenoiser):
 
 
 class KDiffusionSampler(sd_samplers_common.Sampler):
-    denoiser_class = CFGDenoiserKDiffusion  # the host builds this class here; a Forge double puts its own
+    # double-only: the host builds this class in __init__; a Forge double puts its own here
+    denoiser_class = CFGDenoiserKDiffusion
 
-    def __init__(self, funcname, sd_model):
+    def __init__(self, funcname, sd_model, options=None):
         super().__init__(funcname)
+        self.options = options or {}
         self.func = funcname if callable(funcname) else getattr(k_diffusion.sampling, funcname)
         self.model_wrap_cfg = self.denoiser_class(self)
         self.model_wrap = self.model_wrap_cfg.inner_model

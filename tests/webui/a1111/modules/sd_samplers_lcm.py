@@ -66,7 +66,7 @@ class CFGDenoiserLCM(CFGDenoiser):
 
 
 class LCMSampler(sd_samplers_kdiffusion.KDiffusionSampler):
-    denoiser_class = CFGDenoiserLCM
+    denoiser_class = CFGDenoiserLCM  # double-only: the host's LCMSampler.__init__ builds CFGDenoiserLCM instead
 
 
 samplers_lcm = [("LCM", sample_lcm, ["k_lcm"], {})]

@@ -25,7 +25,8 @@ class CFGDenoiserTimesteps(CFGDenoiser):
 
 
 class CompVisSampler(sd_samplers_common.Sampler):
-    denoiser_class = CFGDenoiserTimesteps  # the host builds this class here; a Forge double puts its own
+    # double-only: the host builds this class in __init__; a Forge double puts its own here
+    denoiser_class = CFGDenoiserTimesteps
 
     def __init__(self, funcname, sd_model):
         super().__init__(funcname)

@@ -32,6 +32,7 @@ base = a1111_module("processing")
 fake_clip, conditioning_row, ImageRNG, LATENT = base.fake_clip, base.conditioning_row, base.ImageRNG, base.LATENT
 
 
+# double-simplified: the image's index only; the host also takes the prompts, seeds and batch position
 def create_infotext(p, index):
     """New: A1111 1.10's. Classic (A1111 1.8's code): values are written as they are, a callable included."""
     if NEW:
@@ -49,6 +50,7 @@ class Processed(base.Processed):
 
 
 class StableDiffusionProcessing(base.StableDiffusionProcessing):
+    # double-simplified: the A1111 double's keywords plus hr_cfg (new's Txt2Img field, line 1202; classic has none)
     def __init__(self, prompt, negative_prompt="", *, hr_cfg=None, **kwargs):
         super().__init__(prompt, negative_prompt, **kwargs)
         self.hr_cfg = self.cfg_scale if hr_cfg is None else hr_cfg
@@ -58,18 +60,16 @@ class StableDiffusionProcessing(base.StableDiffusionProcessing):
         if NEW and self.cfg_scale == 1:
             self.uc = None
 
-    def calculate_hr_conds(self):
+
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing, base.StableDiffusionProcessingTxt2Img):
+    def calculate_hr_conds(self):  # Txt2Img's only, as in both hosts (classic line 1431, new line 1575)
         super().calculate_hr_conds()
         if NEW and self.hr_cfg == 1:
             self.hr_uc = None
 
 
-class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
-    pass
-
-
 class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
-    is_img2img = True
+    is_img2img = True  # double-only: which pass process_images runs (the host tells them apart by class)
 
 
 def _activate_extra_networks(p):

@@ -412,6 +412,7 @@ def test_bad_weights(tiny_connector_file):
             model(x, 1.0, None, weights)
 
 
+@needs_cpu_fp16
 def test_half_precision_weights_against_the_reference(tiny_connector_file):
     half = load_connector(tiny_connector_file, dtype=torch.float16)
     x, weights = features(3, 9).half(), emphasis_weights(3, 9)

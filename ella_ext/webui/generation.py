@@ -73,6 +73,7 @@ class Generation:
     calls: dict[int, int] = field(default_factory=dict)  # batch number -> calls ELLA conditioned
     foreseen: Foreseen | None = None  # the calls of the pass about to start, from a dry run of its sampler
     plan: PassPlan | None = None  # the current pass's foreseen calls, its rows arranged in the conditioner
+    pass_calls: dict[str, int] = field(default_factory=lambda: {"looked up": 0, "computed at the call": 0})
 
     def release(self) -> None:
         """Drop what this generation holds (its features and rows on the GPU); ELLA does nothing more for it."""
@@ -315,7 +316,12 @@ def _foresee(func, model, x, args, kwargs) -> None:
 def _pass_done(model) -> None:
     """The sampler of a pass returned: drop the pass's arranged rows."""
     generation: Generation | None = getattr(getattr(model, "p", None), ATTRIBUTE, None)
-    if generation is not None and generation.plan is not None and generation.plan.denoiser is model:
+    if generation is None:
+        return
+    log.debug("ELLA: a sampling pass ended: its calls %s", ", ".join(f"{n} {how}" for how, n in
+                                                                     generation.pass_calls.items()))
+    generation.pass_calls = dict.fromkeys(generation.pass_calls, 0)
+    if generation.plan is not None and generation.plan.denoiser is model:
         _drop_plan(generation)
 
 
@@ -422,9 +428,11 @@ def swap(generation: Generation, texts: PassTexts, params, hires: bool, step: in
     keys = _foreseen_keys(generation, texts, params, hires, uncond_rows, adapter)
     if keys is not None:  # a foreseen call: its rows were arranged (and usually computed) at the pass's first call
         rows = generation.conditioner.lookup(row_texts, keys)
+        generation.pass_calls["looked up"] += 1
     else:
         cond_t, uncond_t = row_timesteps(adapter.timesteps(params), texts.counts, uncond_rows)
         rows = generation.conditioner(row_texts, torch.cat([cond_t, uncond_t]))
+        generation.pass_calls["computed at the call"] += 1
     with_clip = generation.options.with_clip
     params.text_cond = _rebuild(cond, assemble(rows[: texts.cond_rows], cond_tensor, with_clip=with_clip,
                                                marked=_marked(generation, (hires, "cond"), cond_tensor)))

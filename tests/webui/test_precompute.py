@@ -319,3 +319,12 @@ def test_the_foresee_setting_off_computes_each_call_at_the_call(any_host, monkey
     assert not any(run["foreseen"]) and len(run["texts"]) == 4
     assert "ELLA error" not in run["processed"].infotexts[0]
     assert run["passes"][-1] - run["passes"][0] == 3  # one TSC pass per call after the first
+
+
+def test_each_pass_says_in_the_debug_log_how_its_calls_were_served(any_host, monkeypatch, caplog):
+    """What a user (or a real-host trial) can read with --loglevel DEBUG to see that passes were foreseen."""
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="ella"):
+        generate(any_host, monkeypatch, prompt="a cube", steps=4, sampler_name="Euler a")
+    assert "a sampling pass ended: its calls 4 looked up, 0 computed at the call" in caplog.text

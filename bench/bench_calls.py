@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import CountOps  # noqa: E402
 from reference_tsc_module import ReferenceTSC  # noqa: E402
 
 from ella_ext.conditioning import Conditioner, timestep_keys  # noqa: E402
@@ -59,16 +59,6 @@ SCENARIOS = {  # name -> the generation's parameters (batch 1: one cond row and 
 }
 PROMPT, NEGATIVE = "a red cube on a table", "blurry"
 ARRANGEMENTS = ("ours", "per-call path", "reference")
-
-
-class Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
 
 
 class ReferenceConditioner(Conditioner):
@@ -133,11 +123,11 @@ def count_calls(kind: str, models_dir: Path) -> dict[tuple[str, str], list[Pass]
 
         def counted(callback):
             def run(params):
-                with Count() as count:
+                with CountOps() as count:
                     callback(params)
                 state = getattr(params.denoiser.p, generation.ATTRIBUTE, None)
                 record = passes.setdefault(id(params.denoiser), Pass())
-                record.ops.append(count.ops)
+                record.ops.append(count.count)
                 record.tsc_passes.append(state.conditioner.tsc_passes if state is not None else 0)
 
             return run

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import median_ms  # noqa: E402
 from reference_tsc_module import ReferenceTSC  # noqa: E402
 
 from ella_ext.conditioning import Conditioner  # noqa: E402
@@ -38,21 +37,7 @@ STEPS = 20
 
 
 def timer(device, repeats, warmup=3):
-    def run(fn):
-        for _ in range(warmup):
-            fn()
-        samples = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            samples.append((time.perf_counter() - start) * 1000)
-        return statistics.median(samples)
-
-    return run
+    return partial(median_ms, device=device, repeats=repeats, warmup=warmup)
 
 
 def make_models(device, dtype):

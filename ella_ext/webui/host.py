@@ -54,16 +54,17 @@ def make_room(nbytes: int, target: torch.device) -> None:
 
 
 def job() -> tuple | None:
-    """The job the host is running (``modules/shared_state.py``: ``state.begin(job)`` sets ``job`` and
-    ``time_start``, ``state.end()`` clears ``job``; the UI's queue wrapper and the API call both around every
-    generation), or None when it runs none. A host without that state counts as always busy."""
+    """The job the host is running, or None when it runs none (``modules/shared_state.py``: ``state.begin(job)`` sets
+    ``job`` and ``time_start``, ``state.end()`` and the UI's call wrapper set ``job`` to ""; the UI's queue wrapper and
+    the API call both around every generation). A job is known by its ``time_start`` alone: its name changes while it
+    runs (``processing.py`` renames it "Batch 2 out of 3" per batch, the X/Y/Z plot per cell, and ``begin`` may be
+    given None). A host without that state counts as always busy."""
     from modules import shared
 
     state = getattr(shared, "state", None)
     if state is None or not hasattr(state, "job"):
         return ("unknown",)
-    return (state.job, getattr(state, "time_start", None)) if state.job else None
-
+    return None if state.job == "" else ("job", getattr(state, "time_start", None))
 
 def models_root() -> str:
     from modules import paths

@@ -172,6 +172,25 @@ def test_a_nested_generation_leaves_the_outer_one_alone(host, loaded, monkeypatc
     assert "ELLA error" not in processed.infotexts[0] and f"ELLA: {CONNECTOR}" in processed.infotexts[0]
 
 
+def test_a_nested_generation_in_a_later_batch_leaves_the_outer_one_alone(host, loaded, monkeypatch):
+    """The host renames the running job per batch ("Batch 2 out of 2"): a generation nested in the second batch is
+    still in the outer one's job, so the outer generation is neither taken for a dead one nor unloaded under."""
+    from ella_ext.webui import ui
+
+    registry, _, _ = loaded
+    answers = []
+
+    def inner_then_button():
+        host.run("a face", steps=1, job=False)
+        answers.append(ui._unload())
+
+    at_call(monkeypatch, 3, inner_then_button)  # the second batch's first call
+    p, processed = host.run(["a red cube", "a blue sphere"], steps=2, n_iter=2)
+    assert "when the current generation ends" in answers[0]
+    assert all("ELLA error" not in info and f"ELLA: {CONNECTOR}" in info for info in processed.infotexts)
+    assert len(registry) == 0, "unloaded once the generation ended"
+
+
 def test_picking_other_models_unloads_the_previous_ones(host, loaded):
     registry, _, keys = loaded
     host.run("a cube", steps=1)

@@ -3,7 +3,8 @@
 ``process_images_inner``: ``scripts.process`` once; per batch ``n``: ``p.iteration = n``, ``p.prompts`` /
 ``p.negative_prompts`` sliced from ``all_prompts``, ``before_process_batch`` (tags still in the prompts),
 ``parse_extra_network_prompts`` (tags removed; for hires fix also from ``hr_prompts``), ``process_batch``,
-``setup_conds``, then ``p.sample``: txt2img creates its sampler (``p.sampler = create_sampler(...)``) and draws
+``setup_conds``, ``state.job = "Batch n+1 out of n_iter"`` when ``n_iter > 1`` (the running job's name
+changes mid-job), then ``p.sample``: txt2img creates its sampler (``p.sampler = create_sampler(...)``) and draws
 ``x = p.rng.next()`` before ``process_before_every_sampling``, img2img created its sampler once in ``init()`` (before
 the batches) and samples from ``init_latent`` with ``p.rng.next()`` as noise; then for txt2img with hires fix
 ``sample_hr_pass``: ``is_hr_pass = True``, ``save_intermediate`` per image (``create_infotext`` for an image saved
@@ -200,6 +201,8 @@ def _process_images_inner(p, runner):
         p.parse_extra_network_prompts()
         runner.call("process_batch", p, batch_number=n, prompts=p.prompts, seeds=[], subseeds=[])
         p.setup_conds()
+        if p.n_iter > 1:  # the host renames the running job per batch
+            shared.state.job = f"Batch {n + 1} out of {p.n_iter}"
         if p.is_img2img:
             x = p.rng.next()
             runner.call("process_before_every_sampling", p, x=p.init_latent, noise=x, c=p.c, uc=p.uc)

@@ -25,7 +25,7 @@ import json
 import torch
 from hostlayers import a1111_module
 
-from modules import sd_samplers
+from modules import sd_samplers, shared
 from modules.sd_samplers_cfg_denoiser import NEW
 
 base = a1111_module("processing")
@@ -124,6 +124,8 @@ def _process_images_inner(p, runner):
         _reset_forge_objects(p)
         runner.call("process_batch", p, batch_number=n, prompts=p.prompts, seeds=[], subseeds=[])
         p.setup_conds()
+        if p.n_iter > 1:  # the host renames the running job per batch
+            shared.state.job = f"Batch {n + 1} out of {p.n_iter}"
         if not p.is_img2img:
             p.sampler = sd_samplers.create_sampler(p.sampler_name, sd_model)
         x = p.rng.next()

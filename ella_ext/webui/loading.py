@@ -221,7 +221,9 @@ class ModelManager:
         with self._lock:
             stale = [g for g, owner in self._active if owner != job or job is None]
             self._active = [(g, owner) for g, owner in self._active if owner == job and job is not None]
-            if stale:
+            if stale and self._unload_requested and not self._active:  # asked during a job that died
+                self._unload_all("as asked during an earlier generation")
+            elif stale:
                 self._arm()
         for generation in stale:
             log.info("ELLA: a generation of an earlier job ended without finishing; releasing what it held")
@@ -239,7 +241,6 @@ class ModelManager:
         with self._lock:
             self._active = [(g, owner) for g, owner in self._active if g is not generation]
             if self._unload_requested and not self._active:
-                self._unload_requested = False
                 self._unload_all("as asked during the generation")
             else:
                 self._arm()
@@ -289,12 +290,13 @@ class ModelManager:
             generation.release()
 
     def _unload_all(self, why: str) -> int:
-        """Unload every model; the caller holds the lock, so no generation can start loading meanwhile."""
+        """Unload every model (a pending request from the button is done by it); the caller holds the lock and has
+        checked that no generation is active."""
+        self._unload_requested = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        count = registry.unload_all()
-        host.torch_gc()
+        count = registry.unload_all()  # it frees the memory it unloaded
         if count:
             log.info("ELLA: unloaded %d model(s) %s", count, why)
         return count

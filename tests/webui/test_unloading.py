@@ -151,6 +151,27 @@ def test_a_generation_that_dies_is_released_by_the_idle_clock(host, loaded, monk
     assert len(registry) == 0 and dead.conditioner._features is None and manager._active == []
 
 
+def test_a_button_press_during_a_generation_that_dies_is_done_once(host, loaded, monkeypatch):
+    """The button's deferred unload is done when the dead generation is released, and never again: a later ordinary
+    generation keeps its models."""
+    from ella_ext.webui import ui
+
+    registry, manager, _ = loaded
+    answers = []
+    at_call(monkeypatch, 1, lambda: answers.append(ui._unload()))
+    die_in_the_unet_at_call(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="simulated, in the UNet"):
+        host.run("a cube", steps=3)
+    assert "when the current generation ends" in answers[0] and len(registry) == 2
+    monkeypatch.undo()
+    host.__init__(host.module, monkeypatch, host.kind)
+    host.run("a cube", steps=1, args=ella_args(enabled=False))  # releases the dead one: the request is done now
+    assert len(registry) == 0 and manager._active == []
+    p, processed = host.run("a cube", steps=1)
+    assert f"ELLA: {CONNECTOR}" in processed.infotexts[0]
+    assert len(registry) == 2, "a generation after the request keeps its models"
+
+
 def test_a_nested_generation_leaves_the_outer_one_alone(host, loaded, monkeypatch):
     """ADetailer runs a whole generation inside another's postprocess_image, in the same job: the inner start must
     not take the outer generation for a dead one."""

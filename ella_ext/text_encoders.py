@@ -33,6 +33,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -120,9 +121,7 @@ class TextEncoder:
     @property
     def token_limit(self) -> int:
         """The most tokens the model takes; flexible mode truncates there."""
-        limits = [getattr(self.model.config, "max_position_embeddings", None), self.tokenizer.model_max_length]
-        limits = [int(x) for x in limits if x is not None and 0 < x < 1_000_000]
-        return min(limits) if limits else FALLBACK_LIMIT
+        return token_limit(self.model.config, self.tokenizer)
 
     def to(self, device: str | torch.device) -> TextEncoder:
         self.model.to(device)
@@ -422,10 +421,24 @@ def _load_model(path_or_id: str, config, dtype: torch.dtype):
         ) from exc
 
 
+def token_limit(config, tokenizer) -> int:
+    """The most tokens an encoder of this config takes with this tokenizer (flexible mode truncates there)."""
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    limits = [int(x) for x in limits if x is not None and 0 < x < 1_000_000]
+    return min(limits) if limits else FALLBACK_LIMIT
+
+
 def load_tokenizer(path_or_id: str | Path):
     """Only the tokenizer of an encoder (to count a prompt's tokens without loading the model)."""
+    return load_tokenizer_and_limit(path_or_id)[0]
+
+
+def load_tokenizer_and_limit(path_or_id: str | Path) -> tuple[Any, int]:
+    """The tokenizer of an encoder and the encoder's ``token_limit``, without loading the model."""
     name = str(path_or_id)
-    return _load_tokenizer(name, _load_config(name).model_type)
+    config = _load_config(name)
+    tokenizer = _load_tokenizer(name, config.model_type)
+    return tokenizer, token_limit(config, tokenizer)
 
 
 def load_text_encoder(

@@ -37,7 +37,7 @@ log = logging.getLogger("ella")
 TITLE = "ELLA"
 GENERATION_PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")
 
-_tokenizers: OrderedDict[str, tuple[Any, threading.Lock]] = OrderedDict()  # name -> tokenizer, its lock
+_tokenizers: OrderedDict[str, tuple[Any, int, threading.Lock]] = OrderedDict()  # name -> tokenizer, limit, lock
 _tokenizers_lock = threading.Lock()
 
 
@@ -60,7 +60,8 @@ def models_listing() -> dict[str, Any]:
 
 
 def count_tokens(text: str, text_encoder: str | None = None) -> dict[str, Any]:
-    """LLM tokens of the longest text the prompt gives (each AND part and schedule variant counted alone).
+    """LLM tokens of the longest text the prompt gives (each AND part and schedule variant counted alone), and
+    ``limit``: the most tokens the text encoder reads in flexible mode.
 
     Runs in the API's thread pool and in the UI's events: a tokenizer is used by one thread at a time (the fast
     tokenizers fail with "Already borrowed" otherwise)."""
@@ -70,22 +71,22 @@ def count_tokens(text: str, text_encoder: str | None = None) -> dict[str, Any]:
     if not isinstance(name, str):
         raise InputError("ELLA: 'text_encoder' must be the name of a listed text encoder.")
     loading.check_name("text encoder", name)
-    tokenizer, lock = _tokenizer(name)
+    tokenizer, limit, lock = _tokenizer(name)
     texts = PassTexts([text], [""], steps=1000).every_text()
     with lock:
         tokens = max(len(tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts)
-    return {"tokens": tokens, "text_encoder": name}
+    return {"tokens": tokens, "limit": limit, "text_encoder": name}
 
 
-def _tokenizer(name: str) -> tuple[Any, threading.Lock]:
-    from ..text_encoders import load_tokenizer
+def _tokenizer(name: str) -> tuple[Any, int, threading.Lock]:
+    from ..text_encoders import load_tokenizer_and_limit
 
     with _tokenizers_lock:
         if name in _tokenizers:
             _tokenizers.move_to_end(name)
             return _tokenizers[name]
     path = model_files.ensure_text_encoder(loading.model_paths(), name, offline=True)
-    loaded = (load_tokenizer(path), threading.Lock())
+    loaded = (*load_tokenizer_and_limit(path), threading.Lock())
     with _tokenizers_lock:
         found = _tokenizers.setdefault(name, loaded)  # another thread may have loaded it meanwhile: one is kept
         _tokenizers.move_to_end(name)

@@ -30,7 +30,6 @@ from ..errors import ELLAError
 from . import api, infotext, loading
 
 CONTROL_NAMES = options.FIELD_NAMES  # the UI returns its controls in this order: the script's args
-FLEXIBLE_LIMIT = 512  # T5's limit: in flexible mode the LLM reads no more (text_encoders.FALLBACK_LIMIT)
 GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4
 
 
@@ -109,13 +108,14 @@ def token_counter_html(text: str, enabled: bool, text_encoder: str, token_length
         return ""
     own = bool((llm_prompt or "").strip())
     fixed = token_length == options.FIXED
-    limit = int(max_length) if fixed else FLEXIBLE_LIMIT
     try:
-        tokens = api.count_tokens(llm_prompt if own else (text or ""), text_encoder or None)["tokens"]
+        counted = api.count_tokens(llm_prompt if own else (text or ""), text_encoder or None)
     except ELLAError as err:  # an unlisted name, a text encoder not downloaded yet
         return _counter_span("ELLA ?", str(err), over=False)
     except Exception as err:  # an unreadable tokenizer must not break the UI
         return _counter_span("ELLA ?", f"ELLA cannot count tokens: {err}", over=False)
+    tokens = counted["tokens"]
+    limit = int(max_length) if fixed else counted["limit"]
     source = "the ELLA prompt" if own else "the prompt"
     if tokens > limit:
         title = f"{tokens} tokens in {source}, over {limit}: the text encoder reads only the first {limit}"
@@ -188,7 +188,7 @@ def _status_html(connector: str, text_encoder: str) -> str:
         line = loading.describe_choice(connector or "", text_encoder or "")
     except Exception as err:  # an unreadable models folder must not break the UI
         line = f"Cannot read the ELLA models folder: {err}"
-    return f"<p class='ella-status'>{_escape(line)}</p>" if line else ""
+    return f"<p class='ella-status'>{html.escape(line, quote=False)}</p>" if line else ""
 
 
 def _unload():
@@ -197,6 +197,3 @@ def _unload():
         return "<p class='ella-status'>ELLA's models will be unloaded when the current generation ends.</p>"
     return f"<p class='ella-status'>Unloaded {count} ELLA model(s).</p>"
 
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -141,6 +141,27 @@ def test_token_counter_event_counts_in_python(host, llm_tokens):
     assert (text, classes) == (f"ELLA {llm_tokens(long)}/512", ["ella-count", "ella-over"])
 
 
+def test_token_counter_flexible_limit_is_the_chosen_encoders(host, models_dir, tiny_llama_dir):
+    """Flexible mode reads up to the encoder's own limit (the tiny Llama's is 64, T5's 512), not T5's for every LLM."""
+    import shutil
+
+    folder = models_dir / "ELLA" / "text_encoders" / "tiny-llama"
+    shutil.copytree(tiny_llama_dir, folder)
+    try:
+        long = ", ".join(["a red cube"] * 30)
+        text, classes, title = counter(ui_module().token_counter_html(long, True, "tiny-llama", "Flexible", 128, ""))
+        assert "ella-over" in classes and "reads only the first 64" in title, title
+        assert client_count(long, "tiny-llama")["limit"] == 64 and client_count(long, ENCODER)["limit"] == 512
+    finally:
+        shutil.rmtree(folder)
+
+
+def client_count(text, encoder):
+    from ella_ext.webui import api
+
+    return api.count_tokens(text, encoder)
+
+
 @pytest.mark.parametrize(("encoder", "needle"), [
     ("nope", "'nope' is not one of the listed models"),
     ("/etc", "is not one of the listed models"),
@@ -329,7 +350,7 @@ def test_models_endpoint_names_no_paths(client, models_dir):
 def test_token_counter_endpoint(client):
     short = client.post("/ella/v1/tokens", json={"text": "a cat", "text_encoder": ENCODER}).json()
     long = client.post("/ella/v1/tokens", json={"text": "a cat " * 40, "text_encoder": ENCODER}).json()
-    assert 2 <= short["tokens"] < long["tokens"]
+    assert 2 <= short["tokens"] < long["tokens"] and short["limit"] == 512 and short["text_encoder"] == ENCODER
 
 
 @pytest.mark.parametrize(("payload", "status", "kind", "needle"), [
@@ -347,35 +368,42 @@ def test_token_counter_errors_have_the_documented_shape(client, payload, status,
 
 def test_token_counter_serves_concurrent_requests_one_tokenizer_call_at_a_time(client, monkeypatch):
     """Fast tokenizers fail ("Already borrowed") when two threads use one at once; the API runs requests in a thread
-    pool. The tokenizer stand-in waits, while inside, for a second caller to come in: with the calls serialised none
-    ever does (the wait runs out), without it they overlap."""
+    pool. The tokenizer's lock is replaced by one that knows its holder, and every tokenizer call checks that its own
+    thread holds it: no timing involved, a call made without the lock fails whatever the threads' order."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from ella_ext.webui import api
 
     client.post("/ella/v1/tokens", json={"text": "warm", "text_encoder": ENCODER})  # the tokenizer is cached now
-    tokenizer, lock = api._tokenizers[ENCODER]
-    inside, overlaps, entered = [0], [], threading.Event()
-    guard = threading.Lock()
+    tokenizer, limit, _ = api._tokenizers[ENCODER]
+
+    class HolderLock:
+        def __init__(self):
+            self._lock, self.holder = threading.Lock(), None
+
+        def __enter__(self):
+            self._lock.acquire()
+            self.holder = threading.get_ident()
+
+        def __exit__(self, *exc):
+            self.holder = None
+            self._lock.release()
+
+    lock, calls, unheld = HolderLock(), [], []
 
     def watched(*args, **kwargs):
-        with guard:
-            inside[0] += 1
-            overlaps.append(inside[0])
-            if inside[0] > 1:
-                entered.set()
-        entered.wait(1.0)  # long enough for an unserialised second call to come in, even on a busy machine
-        with guard:
-            inside[0] -= 1
+        calls.append(threading.get_ident())
+        if lock.holder != threading.get_ident():
+            unheld.append(args)
         return tokenizer(*args, **kwargs)
 
-    monkeypatch.setitem(api._tokenizers, ENCODER, (watched, lock))
+    monkeypatch.setitem(api._tokenizers, ENCODER, (watched, limit, lock))
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda i: client.post("/ella/v1/tokens", json={"text": f"cat {i}",
                                                                                  "text_encoder": ENCODER}), range(4)))
     assert all(a.status_code == 200 for a in answers)
-    assert max(overlaps) == 1, "two threads used one tokenizer at once"
+    assert len(calls) >= 4 and unheld == [], "a tokenizer call ran without its lock"
 
 
 def test_api_auth_guards_the_ella_routes_like_the_hosts(client, monkeypatch):

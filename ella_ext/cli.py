@@ -98,11 +98,12 @@ def check_connector(connector_path, encodings, device: torch.device, dtype: torc
 
 def check(connector_path, encoder_path, device_name: str, dtype_name: str | None, out=print) -> int:
     """One connector with one text encoder (they must fit each other)."""
-    device, dtype = torch.device(device_name), DTYPES[dtype_name]
-    encoder, encodings, problems = check_encoder(encoder_path, device, dtype, out)
     from . import connector_file
 
-    encoder.check_fits(connector_file.read_config(connector_path).in_width, str(connector_path))
+    device, dtype = torch.device(device_name), DTYPES[dtype_name]
+    in_width = connector_file.read_config(connector_path).in_width  # a bad connector fails before the LLM loads
+    encoder, encodings, problems = check_encoder(encoder_path, device, dtype, out)
+    encoder.check_fits(in_width, str(connector_path))
     problems += check_connector(connector_path, encodings, device, dtype, out)
     out(f"peak memory {_peak_memory(device)}")
     out("OK" if not problems else f"PROBLEM: {problems} outputs had non-finite values")

@@ -84,3 +84,13 @@ def test_check_reports_a_mismatch_clearly(tmp_path, tiny_t5_dir):
     result = run("check", "--connector", str(path), "--text-encoder", str(tiny_t5_dir), "--device", "cpu")
     assert result.returncode == 1
     assert "ERROR: " in result.stderr and "hidden size 20" in result.stderr and "64-wide" in result.stderr
+
+
+def test_check_refuses_a_bad_connector_before_loading_the_llm(tmp_path, tiny_t5_dir):
+    """The LLM is the slow part (flan-T5-XL: gigabytes): a connector that cannot be read fails before it loads."""
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    result = run("check", "--connector", str(path), "--text-encoder", str(tiny_t5_dir), "--device", "cpu")
+    assert result.returncode == 1
+    assert "ERROR: " in result.stderr and "broken.safetensors" in result.stderr
+    assert result.stdout == "", "nothing was loaded before the connector was read"

@@ -378,7 +378,9 @@ def _load_tokenizer(path_or_id: str, model_type: str):
             tokenizer = transformers.T5Tokenizer.from_pretrained(path_or_id)
         else:
             tokenizer = transformers.AutoTokenizer.from_pretrained(path_or_id)
-    except (OSError, ValueError, ImportError) as exc:
+        if not callable(tokenizer):  # seen: transformers 4.46 returns False for an unreadable spiece.model
+            raise ValueError(f"transformers returned {tokenizer!r} for it")
+    except Exception as exc:  # transformers and sentencepiece raise many types here, varying by version
         raise TextEncoderError(
             f"The tokenizer of {path_or_id!r} could not be loaded ({exc}). The folder needs its tokenizer files "
             "(spiece.model for T5); sentencepiece must be installed."

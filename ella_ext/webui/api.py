@@ -28,7 +28,7 @@ from typing import Any
 from fastapi import Request  # a module-level name: FastAPI resolves the dependency's annotation from here
 
 from .. import model_files, options
-from ..errors import ELLAError, InputError
+from ..errors import ELLAError, InputError, ModelNotFoundError
 from ..pass_rows import PassTexts
 from . import loading
 
@@ -99,7 +99,9 @@ def error_body(err: ELLAError) -> tuple[int, dict[str, str]]:
     """The status and the JSON body of an ELLA error answer (the one shape of every ELLA error)."""
     if isinstance(err, InputError):
         return 422, {"error": "ELLAArgumentError", "detail": str(err)}
-    return 404, {"error": "ELLAModelNotAvailable", "detail": str(err)}
+    if isinstance(err, ModelNotFoundError):
+        return 404, {"error": "ELLAModelNotAvailable", "detail": str(err)}
+    return 500, {"error": "ELLAModelUnusable", "detail": str(err)}  # on disk, but it cannot be read
 
 
 def _credentials() -> dict[str, str] | None:

@@ -366,6 +366,21 @@ def test_token_counter_errors_have_the_documented_shape(client, payload, status,
     assert response.json()["error"] == kind and needle in response.json()["detail"]
 
 
+def test_token_counter_error_for_an_unreadable_encoder_is_not_a_missing_model(client, models_dir, tiny_t5_dir):
+    """A listed encoder whose tokenizer cannot be read is on disk: not 404 ("not available"), but a server-side 500."""
+    import shutil
+
+    folder = models_dir / "ELLA" / "text_encoders" / "no-tokenizer"
+    shutil.copytree(tiny_t5_dir, folder)
+    (folder / "spiece.model").write_bytes(b"not a sentencepiece model")
+    try:
+        response = client.post("/ella/v1/tokens", json={"text": "a", "text_encoder": "no-tokenizer"})
+        assert response.status_code == 500, response.text
+        assert response.json()["error"] == "ELLAModelUnusable" and "no-tokenizer" in response.json()["detail"]
+    finally:
+        shutil.rmtree(folder)
+
+
 def test_token_counter_serves_concurrent_requests_one_tokenizer_call_at_a_time(client, monkeypatch):
     """Fast tokenizers fail ("Already borrowed") when two threads use one at once; the API runs requests in a thread
     pool. The tokenizer's lock is replaced by one that knows its holder, and every tokenizer call checks that its own

@@ -52,21 +52,21 @@ _WORD = re.compile(r"\S+")
 
 class EncodingCache:
     """Bounded LRU of per-text encodings ``(features [S, D] in CPU memory, real tokens)``, keyed by (model, text,
-    max_length). Thread-safe."""
+    max_length); the encoder also keeps its token-to-word alignments in one. Thread-safe."""
 
     def __init__(self, max_entries: int = 64):
         self.max_entries = max_entries
-        self._entries: OrderedDict[tuple, tuple[torch.Tensor, int]] = OrderedDict()
+        self._entries: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple) -> tuple[torch.Tensor, int] | None:
+    def get(self, key: tuple) -> Any | None:
         with self._lock:
             value = self._entries.get(key)
             if value is not None:
                 self._entries.move_to_end(key)
             return value
 
-    def put(self, key: tuple, value: tuple[torch.Tensor, int]) -> None:
+    def put(self, key: tuple, value: Any) -> None:
         with self._lock:
             self._entries[key] = value
             self._entries.move_to_end(key)
@@ -101,7 +101,7 @@ class TextEncoder:
         self.layer = layer  # None: encoder-only (last_hidden_state); an index: that hidden state of a decoder
         self.cache = cache if cache is not None else EncodingCache()
         self._lock = threading.Lock()
-        self._alignments: OrderedDict[tuple[str, int | None], list[int]] = OrderedDict()
+        self._alignments = EncodingCache(ALIGNMENT_ENTRIES)  # (text, max_length) -> token_words
 
     # -- properties ------------------------------------------------------------------------------------------------
 
@@ -257,15 +257,12 @@ class TextEncoder:
         token comes from; -1 for special tokens and padding (and for every token when the tokenizer's tokens cannot
         be matched to the words: then emphasis is ignored for this text, with a warning)."""
         key = (text, max_length)
-        with self._lock:
-            found = self._alignments.get(key)
-            if found is None:
-                found = self._alignments[key] = self._align(text, max_length)
-                while len(self._alignments) > ALIGNMENT_ENTRIES:
-                    self._alignments.popitem(last=False)
-            else:
-                self._alignments.move_to_end(key)
-            return found
+        found = self._alignments.get(key)
+        if found is None:
+            with self._lock:  # the tokenizer: one thread at a time
+                found = self._align(text, max_length)
+            self._alignments.put(key, found)
+        return found
 
     def _align(self, text: str, max_length: int | None) -> list[int]:
         fast = bool(getattr(self.tokenizer, "is_fast", False))

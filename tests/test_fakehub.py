@@ -26,6 +26,9 @@ class _HeldWriter:
         self._release.wait(30)
         return self._writer.flush()
 
+    def __getattr__(self, name):  # the rest (``closed``, ``close`` in the handler's ``finish``) is the writer's
+        return getattr(self._writer, name)
+
 
 def test_a_request_is_recorded_before_its_response_is_sent(monkeypatch):
     release = threading.Event()

@@ -94,12 +94,14 @@ def test_registry_failed_load_stores_nothing(tmp_path):
 def test_registry_concurrent_get_loads_once(tmp_path):
     registry = ModelRegistry()
     key = ModelKey.of("text_encoder", tmp_path / "t", "float16")
-    started, release, calls = threading.Event(), threading.Event(), []
+    started, release, calls, released = threading.Event(), threading.Event(), [], []
 
     def slow_loader():
         calls.append(1)
         started.set()
-        release.wait(60)  # the limits only end a hang: a loaded machine may take seconds to schedule a thread
+        # the limits only end a hang: a loaded machine may take seconds to schedule a thread. A load that holds the
+        # table's lock would keep the other key's get below waiting until this wait timed out: released says False
+        released.append(release.wait(60))
         return Movable()
 
     results = []
@@ -114,6 +116,7 @@ def test_registry_concurrent_get_loads_once(tmp_path):
         thread.join(60)
     assert not any(thread.is_alive() for thread in threads)
     assert len(calls) == 1 and len(results) == 4 and all(result is results[0] for result in results)
+    assert released == [True]  # released by this thread after the other key's get, not timed out
 
 
 def test_free_memory_empties_the_cuda_cache_when_there_is_one(monkeypatch):

@@ -249,6 +249,7 @@ def test_memory_setting_bounds_what_is_computed_ahead(any_host, monkeypatch):
     monkeypatch.setattr(conditioning.Conditioner, "lookup", watching)
     kwargs = dict(GENERATION, enable_hr=False, sampler_name="Euler")
     generate(any_host, monkeypatch, ahead_mb=256, **kwargs)
+    assert len(held) == 6  # one lookup per Euler step
     assert all(ahead and resident == chunks == 6 for ahead, resident, chunks in held)  # all 6 timesteps ahead
     between = []  # a pass's rows are dropped when its sampler returns: none are kept into the hires pass
     monkeypatch.setattr(any_host.script, "before_hr", lambda p, *args: between.append(
@@ -256,8 +257,8 @@ def test_memory_setting_bounds_what_is_computed_ahead(any_host, monkeypatch):
     generate(any_host, monkeypatch, ahead_mb=256, **dict(GENERATION, sampler_name="Euler"))
     assert between == [0]
     held.clear()
-    held.clear()
     generate(any_host, monkeypatch, ahead_mb=0, **kwargs)
+    assert len(held) == 6
     assert all(not ahead and resident == 1 and chunks == 6 for ahead, resident, chunks in held)
 
 

@@ -78,7 +78,8 @@ def _squash(text: str) -> str:
     return re.sub(r"[\s_\-]+", "", text.lower())
 
 
-def _choice(name: str, value: Any) -> str:
+def choice(name: str, value: Any) -> str:
+    """The canonical value of the choice field ``name`` for ``value`` (aliases and case allowed), or InputError."""
     allowed = _ALLOWED_TEXT[name]
     if isinstance(value, str):
         found = _ALIASES[name].get(_squash(value))
@@ -119,10 +120,10 @@ _PARSERS = {
     "enabled": _bool,
     "connector": _text,
     "text_encoder": _text,
-    "token_length": _choice,
+    "token_length": choice,
     "max_length": _int,
-    "clip_mode": _choice,
-    "negative": _choice,
+    "clip_mode": choice,
+    "negative": choice,
     "llm_prompt": _text,
     "hires": _bool,
 }

@@ -136,7 +136,7 @@ def from_infotext(params: Mapping[str, str]) -> dict[str, Any]:
     for key, name in ((KEY_MODE, "clip_mode"), (KEY_NEGATIVE, "negative")):
         if key in params:
             with contextlib.suppress(InputError):  # an unknown value from a newer version: keep the UI's
-                restored[name] = getattr(options.from_mapping({name: str(params[key])}), name)
+                restored[name] = options.choice(name, str(params[key]))
     restored["llm_prompt"] = str(params.get(KEY_PROMPT, ""))
     restored["hires"] = str(params.get(KEY_HIRES, "on")).strip().lower() != "off"
     return restored

@@ -96,8 +96,3 @@ def real_k_diffusion():
             else:
                 sys.modules[k] = v
 
-
-@contextlib.contextmanager
-def real_k_external():
-    with real_k_diffusion() as (external, _):
-        yield external

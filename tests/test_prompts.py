@@ -15,6 +15,7 @@ import time
 import pytest
 
 from ella_ext.errors import InputError
+from ella_ext.pass_rows import PassTexts, _schedule
 from ella_ext.prompts import (
     MAX_EMPHASIS,
     WeightedText,
@@ -33,18 +34,21 @@ SQUARE = 1 / 1.1  # PP parse_prompt_attention: square_bracket_multiplier
 
 def text_at_step(prompt, step, steps, hires_steps=None, use_old_scheduling=False) -> str:
     """DN: the schedule entry the host conditions on at 0-based ``step`` (the first with ``step <= end``, else the
-    first entry)."""
-    schedule = prompt_schedule(prompt, steps, hires_steps, use_old_scheduling)
-    return next((text for end, text in schedule if step <= end), schedule[0][1])
+    first entry), as the product's row schedule gives it to the LLM (each entry cleaned: emphasis and BREAK out,
+    whitespace trimmed)."""
+    return _schedule(prompt, steps, hires_steps, use_old_scheduling, False, []).at(step)
 
 
 def llm_texts(prompt, step, steps, hires_steps=None, use_old_scheduling=False, negative=False):
-    """What the LLM reads per sub-prompt at ``step``, composed in the host's order (tags out, AND split unless a
-    negative prompt, schedule at the step, emphasis and BREAK removed)."""
-    prompt = strip_extra_networks(prompt)
-    rows = [(prompt, 1.0)] if negative else split_and(prompt)
-    return [(clean_text(text_at_step(text, step, steps, hires_steps, use_old_scheduling)), weight)
-            for text, weight in rows]
+    """What the LLM reads per sub-prompt at ``step``: the product's rows for a one-image pass (``PassTexts``: tags out,
+    AND split unless a negative prompt, schedule at the step, emphasis and BREAK removed), each beside the AND weight
+    the host gives that sub-prompt (``split_and``; a negative prompt is one row of weight 1)."""
+    if negative:
+        _, texts = PassTexts([], [prompt], steps, hires_steps, use_old_scheduling=use_old_scheduling).at(step)
+        return [(text, 1.0) for text in texts]
+    texts, _ = PassTexts([prompt], [], steps, hires_steps, use_old_scheduling=use_old_scheduling).at(step)
+    weights = [weight for _, weight in split_and(strip_extra_networks(prompt))]
+    return list(zip(texts, weights, strict=True))
 
 
 def alternating(steps: int, *texts: str) -> list[tuple[int, str]]:
@@ -229,7 +233,7 @@ def test_bad_steps(steps: int, hires_steps: int | None) -> None:
 
 @pytest.mark.parametrize(
     ("step", "expected"),
-    [(0, "a "), (3, "a "), (4, "a b"), (10, "a b"), (11, "a ")],
+    [(0, "a"), (3, "a"), (4, "a b"), (10, "a b"), (11, "a")],  # the host's entry is "a " (test_schedule), cleaned
 )
 def test_text_at_step(step: int, expected: str) -> None:
     assert text_at_step("a [b:3]", step, 10) == expected

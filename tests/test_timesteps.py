@@ -1,9 +1,6 @@
-"""sigma -> timestep against the real k-diffusion package (the code A1111's k-diffusion samplers run).
-
-k-diffusion's package __init__ imports its training stack (torchvision, kornia, wandb, ...), which neither the
-hosts' sampling path nor these tests need; the test loads the package's real ``external.py`` (which holds
-``DiscreteSchedule``) under a package whose ``sampling``/``utils`` submodules are empty placeholders.
-``sigma_to_t``/``t_to_sigma`` use neither.
+"""sigma -> timestep against the real k-diffusion package (the code A1111's k-diffusion samplers run): the sigmas and
+``sigma_to_t`` of its real ``external.py``'s ``DiscreteEpsDDPMDenoiser`` (a ``DiscreteSchedule``, what A1111's
+``CompVisDenoiser`` is), loaded without the package's training stack by ``tests/kdiffusion.py``.
 """
 
 from __future__ import annotations
@@ -14,13 +11,13 @@ import torch
 from ella_ext.errors import InputError
 from ella_ext.timesteps import TimestepSchedule, sigmas_from_alphas_cumprod
 
-from .kdiffusion import real_k_external, sd15_alphas_cumprod
+from .kdiffusion import real_k_diffusion, sd15_alphas_cumprod
 
 
 @pytest.fixture(scope="module")
 def k_external():
-    with real_k_external() as module:
-        yield module
+    with real_k_diffusion() as (external, _):
+        yield external
 
 
 @pytest.fixture(scope="module")

@@ -147,34 +147,31 @@ def _unload_models():
         manager._timer.cancel()
 
 
+def _hosted(kind: str, models_dir, monkeypatch):
+    """The body of the host fixtures: the ``kind`` double with the extension loaded, then its models and modules
+    dropped."""
+    with real_k_diffusion():
+        yield _load_host(kind, models_dir, monkeypatch)
+        _unload_models()
+    _drop_host_modules()
+
+
 @pytest.fixture
 def host(models_dir, monkeypatch):
     """The A1111 1.10.1 double with the extension loaded; yields a ``Host`` helper."""
-    with real_k_diffusion():
-        helper = _load_host("a1111", models_dir, monkeypatch)
-        yield helper
-        _unload_models()
-    _drop_host_modules()
+    yield from _hosted("a1111", models_dir, monkeypatch)
 
 
 @pytest.fixture(params=["a1111", "forge-classic", "forge-new"])
 def any_host(request, models_dir, monkeypatch):
     """Each of the three host doubles with the extension loaded."""
-    with real_k_diffusion():
-        helper = _load_host(request.param, models_dir, monkeypatch)
-        yield helper
-        _unload_models()
-    _drop_host_modules()
+    yield from _hosted(request.param, models_dir, monkeypatch)
 
 
 @pytest.fixture(params=["forge-classic", "forge-new"])
 def forge_host(request, models_dir, monkeypatch):
     """The Forge classic and Forge new doubles with the extension loaded; yields a ``Host`` helper."""
-    with real_k_diffusion():
-        helper = _load_host(request.param, models_dir, monkeypatch)
-        yield helper
-        _unload_models()
-    _drop_host_modules()
+    yield from _hosted(request.param, models_dir, monkeypatch)
 
 
 def ella_args(**changes):
@@ -241,20 +238,30 @@ class Host:
         return script_callbacks.reported + scripts.reported
 
 
-def fail_conditioner_at(monkeypatch, call: int, message="CUDA out of memory (simulated)"):
-    """Make the conditioner raise at its ``call``-th call (1-based) of the generation, as an out-of-memory would."""
+def at_call(monkeypatch, call: int, action):
+    """Run ``action()`` at the conditioner's ``call``-th call (1-based) of the generation, computed per call or
+    foreseen: the n-th call of either."""
     from ella_ext.webui import generation
 
     count = {"n": 0}
 
-    def flaky(original):
+    def hooked(original):
         def method(self, texts, timesteps):
             count["n"] += 1
             if count["n"] == call:
-                raise RuntimeError(message)
+                action()
             return original(self, texts, timesteps)
 
         return method
 
-    for name in ("__call__", "lookup"):  # per call or foreseen: the n-th call of either fails
-        monkeypatch.setattr(generation.Conditioner, name, flaky(getattr(generation.Conditioner, name)))
+    for name in ("__call__", "lookup"):
+        monkeypatch.setattr(generation.Conditioner, name, hooked(getattr(generation.Conditioner, name)))
+
+
+def fail_conditioner_at(monkeypatch, call: int, message="CUDA out of memory (simulated)"):
+    """Make the conditioner raise at its ``call``-th call (1-based) of the generation, as an out-of-memory would."""
+
+    def fail():
+        raise RuntimeError(message)
+
+    at_call(monkeypatch, call, fail)

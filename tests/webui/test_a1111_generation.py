@@ -60,6 +60,7 @@ def test_euler_rows_texts_timesteps_and_tensors(host, reference):
 def test_emphasis_weights_the_connector_attention(host, reference, weight):
     p, processed = host.run(f"(red:{weight}) cube", "(blurry:1.3)", steps=3)
     assert host.reported() == []
+    assert len(host.recorded.calls) == 3  # one conditioner call per step
     for call, (texts, timesteps, rows) in enumerate(host.recorded.calls):
         assert texts == [WeightedText("red cube", (weight, 1.0)), WeightedText("blurry", (1.3,))]
         expected = reference("red cube", timesteps[0], word_weights=[weight, 1.0])
@@ -77,6 +78,7 @@ def test_weight_one_is_no_emphasis(host):
     host.run("(red:1) cube", "blurry", steps=2)
     weighted = host.recorded.calls[:]
     host.run("red cube", "blurry", steps=2)
+    assert len(weighted) == len(host.recorded.calls) == 2  # one conditioner call per step in each run
     for (texts, _, rows), (plain_texts, _, plain_rows) in zip(weighted, host.recorded.calls):
         assert texts == plain_texts == ["red cube", "blurry"]
         assert torch.equal(rows, plain_rows)

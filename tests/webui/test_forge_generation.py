@@ -79,6 +79,7 @@ def test_euler_rows_timesteps_and_tensors_as_the_unet_gets_them(forge_host, refe
 def test_emphasis_rows_as_the_unet_gets_them(forge_host, reference):
     p, processed = forge_host.run("(red:1.5) cube", "blurry", steps=3)
     assert forge_host.reported() == []
+    assert len(forge_host.recorded.calls) == 3  # one conditioner call per step
     for call, (texts, timesteps, rows) in enumerate(forge_host.recorded.calls):
         assert texts == [WeightedText("red cube", (1.5, 1.0)), "blurry"]
         expected = reference("red cube", timesteps[0], word_weights=[1.5, 1.0])

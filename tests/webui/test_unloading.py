@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import CONNECTOR, ella_args
+from .conftest import CONNECTOR, at_call, ella_args
 
 
 @pytest.fixture
@@ -24,25 +24,6 @@ def fire(timer):
     """What the timer thread does when the minutes have passed."""
     assert timer is not None, "no idle clock is running"
     timer.function(*timer.args, **timer.kwargs)
-
-
-def at_call(monkeypatch, call: int, action):
-    """Run ``action()`` at the conditioner's ``call``-th call (1-based, computed per call or foreseen)."""
-    from ella_ext.webui import generation
-
-    count = {"n": 0}
-
-    def hooked(original):
-        def method(self, texts, timesteps):
-            count["n"] += 1
-            if count["n"] == call:
-                action()
-            return original(self, texts, timesteps)
-
-        return method
-
-    for name in ("__call__", "lookup"):
-        monkeypatch.setattr(generation.Conditioner, name, hooked(getattr(generation.Conditioner, name)))
 
 
 def die_in_the_unet_at_call(monkeypatch, call: int):

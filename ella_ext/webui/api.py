@@ -30,7 +30,7 @@ from fastapi import Request  # a module-level name: FastAPI resolves the depende
 from .. import model_files, options
 from ..errors import ELLAError, InputError, ModelNotFoundError
 from ..pass_rows import PassTexts
-from . import loading
+from . import infotext, loading
 
 log = logging.getLogger("ella")
 
@@ -96,12 +96,13 @@ def _tokenizer(name: str) -> tuple[Any, int, threading.Lock]:
 
 
 def error_body(err: ELLAError) -> tuple[int, dict[str, str]]:
-    """The status and the JSON body of an ELLA error answer (the one shape of every ELLA error)."""
+    """The status and the JSON body of an ELLA error answer (the one shape of every ELLA error); no server paths."""
+    detail = infotext.without_paths(str(err))
     if isinstance(err, InputError):
-        return 422, {"error": "ELLAArgumentError", "detail": str(err)}
+        return 422, {"error": "ELLAArgumentError", "detail": detail}
     if isinstance(err, ModelNotFoundError):
-        return 404, {"error": "ELLAModelNotAvailable", "detail": str(err)}
-    return 500, {"error": "ELLAModelUnusable", "detail": str(err)}  # on disk, but it cannot be read
+        return 404, {"error": "ELLAModelNotAvailable", "detail": detail}
+    return 500, {"error": "ELLAModelUnusable", "detail": detail}  # on disk, but it cannot be read
 
 
 def _credentials() -> dict[str, str] | None:

@@ -163,7 +163,7 @@ def start(p, args: Sequence[Any]) -> Generation | None:
 
 def _report(p, message: str) -> None:
     log.warning("%s", message)
-    p.extra_generation_params[infotext.KEY_ERROR] = message
+    p.extra_generation_params[infotext.KEY_ERROR] = infotext.without_paths(message)
 
 
 def prepare_batch(p, batch_number: int) -> None:

@@ -14,6 +14,7 @@ control from ``params[key]``; ``scripts/xyz_grid.py`` shallow-copies ``p`` per c
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Mapping, MutableMapping
 from pathlib import PurePath
 from typing import Any
@@ -63,6 +64,18 @@ def model_name(choice: str) -> str:
     return text  # a hub id (owner/name) is a name, not a path
 
 
+# An absolute path (POSIX, Windows or ~) of two components or more, not inside a URL or a relative path.
+_PART = r"""[^\s'"/\\]+"""  # one component of a path
+_ABSOLUTE_PATH = re.compile(rf"(?<![\w.:/\\~])(?:[A-Za-z]:|~)?[/\\](?:{_PART}[/\\])*({_PART}[/\\]{_PART})")
+
+
+def without_paths(message: str) -> str:
+    """A message for the image's parameters or an API answer: every absolute path cut to its last two parts
+    ("/home/me/webui/models/ELLA/broken.safetensors" -> "ELLA/broken.safetensors"), so that neither carries the
+    folders of the machine that made it. The console keeps the whole message."""
+    return _ABSOLUTE_PATH.sub(r"\1", message)
+
+
 def values(chosen: options.ELLAOptions, emphasis: str = options.EMPHASIS_ATTENTION) -> dict[str, str]:
     """The entries of an image that ELLA conditioned with these options and this emphasis setting."""
     fields = {
@@ -88,8 +101,8 @@ def write(params: MutableMapping[str, Any], chosen: options.ELLAOptions, *, cond
     conditioned the batch (else none), and the error if any."""
     for key, value in values(chosen, emphasis).items():
         params[key] = value if conditioned else None
-    params[KEY_WARNING] = "; ".join(warnings) if conditioned and warnings else None
-    params[KEY_ERROR] = error
+    params[KEY_WARNING] = without_paths("; ".join(warnings)) if conditioned and warnings else None
+    params[KEY_ERROR] = None if error is None else without_paths(error)
 
 
 def clear(params: MutableMapping[str, Any]) -> None:

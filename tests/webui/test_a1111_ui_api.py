@@ -376,7 +376,9 @@ def test_token_counter_error_for_an_unreadable_encoder_is_not_a_missing_model(cl
     try:
         response = client.post("/ella/v1/tokens", json={"text": "a", "text_encoder": "no-tokenizer"})
         assert response.status_code == 500, response.text
-        assert response.json()["error"] == "ELLAModelUnusable" and "no-tokenizer" in response.json()["detail"]
+        detail = response.json()["detail"]
+        assert response.json()["error"] == "ELLAModelUnusable" and "text_encoders/no-tokenizer" in detail
+        assert str(models_dir) not in detail, "no server folders in an API answer"
     finally:
         shutil.rmtree(folder)
 

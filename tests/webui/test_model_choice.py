@@ -117,3 +117,26 @@ def test_a_prompt_the_llm_truncates_is_reported_in_the_info_text(host, caplog):
 def test_a_prompt_over_the_llms_limit_in_flexible_mode_is_reported(host):
     _, processed = host.run(" ".join(["cube"] * 600), steps=1)  # flexible: the tiny T5 reads 512 tokens at most
     assert f"more than the limit of {ENCODER} (512): the LLM read only its first 512" in processed.infotexts[0]
+
+
+def test_an_error_in_the_info_text_names_no_server_folder(host, folder):
+    """The image's parameters travel with the image: a load error there says which file, not where it lives."""
+    (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
+    _, processed = host.run("a cube", steps=1, args=ella_args(connector="broken"))
+    info = processed.infotexts[0]
+    assert "ELLA error:" in info and "ELLA/broken.safetensors" in info
+    assert str(folder) not in info and str(folder.parent) not in info
+
+
+@pytest.mark.parametrize(("message", "shown"), [
+    ("cannot read '/srv/webui/models/ELLA/x.safetensors'.", "cannot read 'ELLA/x.safetensors'."),
+    (r"C:\webui\models\ELLA\x.safetensors is corrupt", r"ELLA\x.safetensors is corrupt"),
+    ("~/webui/models/ELLA/text_encoders/t5: no config", "text_encoders/t5: no config"),
+    ("get it from https://huggingface.co/QQGYLab/ELLA into models/ELLA", None),  # a URL, a relative path: kept
+    ("one part: /etc", None),
+])
+def test_without_paths(message, shown):
+    from ella_ext.webui.infotext import without_paths
+
+    assert without_paths(message) == (message if shown is None else shown)
+

@@ -395,13 +395,15 @@ def test_llm_texts_examples() -> None:
 # ----------------------------------------------------------------------------------------------------------- scale
 
 
-def test_thousand_words_fast() -> None:
+def test_thousand_words_finish() -> None:
+    """A hang guard, not a speed claim: a parser that backtracks exponentially on long prompts takes hours here; the
+    linear one takes well under a second on an idle machine (the bound is 30 s so that a loaded CI cannot fail it)."""
     forms = ["(w{}:1.1)", "[w{}:x:0.5]", "w{}"]  # emphasis, prompt editing, plain
     prompt = " ".join(forms[index % 3].format(index) for index in range(1000)) + " [a|b]"
     started = time.perf_counter()
     texts = llm_texts(prompt, 0, 150)
     cleaned, weights = emphasis_weights(prompt)
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 30.0
     assert texts[0][0].split()[:3] == ["w0", "w1", "w2"]
     assert len(texts[0][0].split()) == 1001
     assert len(weights) == len(cleaned.split())

@@ -374,7 +374,9 @@ def test_unlisted_models_are_refused_at_generation(host, models_dir, name):
     """Pasted parameters and X/Y/Z values reach the script without the API's check: the same refusal there."""
     p, processed = host.run("a cube", steps=1, args=ella_args(connector=name))
     assert host.recorded.calls == [] and p.denoisers[0].inner_calls, "no ELLA, but the image is made"
-    assert f"the connector '{name}' is not one of the listed models" in processed.infotexts[0]
+    shown = {"/abs/path/c.safetensors": "path/c.safetensors"}.get(name, name)  # no absolute path in the image
+    assert f"the connector '{shown}' is not one of the listed models" in processed.infotexts[0]
+    assert "/abs/" not in processed.infotexts[0]
 
 
 def test_paths_when_the_setting_accepts_them_and_names_in_the_info_text(host, models_dir):

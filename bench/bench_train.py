@@ -52,7 +52,8 @@ def main() -> None:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
-    from ella_ext.train.loop import Inputs, compute_loss
+    from ella_ext.train.feed import Inputs
+    from ella_ext.train.loop import compute_loss
     from ella_ext.train.model import connector_config  # noqa: F401  (the shape rules the trainer uses)
 
     cuda = torch.cuda.is_available()

@@ -95,8 +95,8 @@ def _cache(config, force: bool) -> int:
     import shutil
 
     from .cache import build_cache, cache_complete
-    from .loop import llm_dtype, load_encoder, make_accelerator, weight_dtype
     from .model import load_base
+    from .runtime import llm_dtype, load_encoder, make_accelerator, weight_dtype
 
     folder = config.cache_dir
     if folder is None:
@@ -123,8 +123,8 @@ def _sample(config, args) -> int:
     import torch
 
     from .. import load_connector
-    from .loop import load_encoder, make_accelerator, weight_dtype
     from .model import load_base
+    from .runtime import load_encoder, make_accelerator, weight_dtype
     from .sample import encode_prompts, generate
 
     prompts = args.prompt or config.sample["prompts"]

@@ -61,8 +61,8 @@ def _meta_sizes(config: Config) -> dict[str, int]:
 
 def estimate(config: Config, measure: bool = True, measure_steps: int = 3) -> dict:
     from ..text_encoders import load_tokenizer
-    from .loop import llm_dtype
     from .model import connector_config
+    from .runtime import llm_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes = _meta_sizes(config)
@@ -115,8 +115,10 @@ def _meta_connector(shape):
 
 def _measure(config: Config, steps: int) -> dict:
     """Time real training steps (random latents, features and timesteps) at the config's batch and resolution."""
-    from .loop import Inputs, compute_loss, load_encoder, make_accelerator, make_optimizer, weight_dtype
+    from .feed import Inputs
+    from .loop import compute_loss, make_optimizer
     from .model import connector_config, init_connector, load_base
+    from .runtime import load_encoder, make_accelerator, weight_dtype
 
     accelerator = make_accelerator(config)
     device = accelerator.device

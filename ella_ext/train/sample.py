@@ -21,7 +21,7 @@ class PromptConditions:
 
 
 def encode_prompts(config: Config, base, encoder, prompts: list[str] | None = None) -> PromptConditions:
-    from .loop import token_max_length
+    from .runtime import token_max_length
 
     prompts = list(config.sample["prompts"] if prompts is None else prompts)
     max_length = token_max_length(config)

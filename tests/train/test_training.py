@@ -23,8 +23,10 @@ from ella_ext.connector_file import (
     read_metadata,
 )
 from ella_ext.train.config import load_config
-from ella_ext.train.loop import Inputs, compute_loss, load_encoder, make_accelerator, train
+from ella_ext.train.feed import Inputs
+from ella_ext.train.loop import compute_loss, train
 from ella_ext.train.model import init_connector, load_base
+from ella_ext.train.runtime import load_encoder, make_accelerator
 
 from .conftest import CAPTIONS, needs_extras, write_config
 

@@ -71,6 +71,10 @@ KEYS: dict[str, dict[str, Key]] = {
         "bucket_step": Key(int, 64, "bucket sides are multiples of this (pixels)", minimum=8),
         "bucket_max_ratio": Key(float, 2.0, "the most elongated bucket (long side / short side)", minimum=1.0),
         "caption_extension": Key(str, ".txt", "folders of images: the caption file's extension"),
+        "empty_captions": Key(str, "skip", "an empty caption (file, metadata.jsonl text or shard txt): skip leaves "
+                                           "the image out (named in skipped.txt), keep trains it on the empty text "
+                                           "(as caption dropout), error refuses to start and names the files",
+                              choices=("skip", "keep", "error")),
     },
     "data.sources": {
         "path": Key(str, help="a folder of images with .txt captions, a folder with metadata.jsonl, or .tar "

@@ -10,9 +10,10 @@ Two ways to make batches:
 - **streamed** (webdataset shards): each process reads its own shards (``shards[rank::processes]``), in an order
   shuffled per epoch from the seed, and fills per-bucket queues until one holds a batch.
 
-Unreadable images and records without a caption are skipped and counted; nothing usable is an error before
-training starts. Images are resized to cover their bucket and centre-cropped (no flips: ELLA's captions say where
-things are).
+Unreadable images and records without a usable caption are skipped, each named once with its reason (``Skipped``:
+a count and a few examples per reason in the log, the full list in ``skipped.txt``); empty captions follow
+``[data] empty_captions``; nothing usable is an error before training starts. Images are resized to cover their
+bucket and centre-cropped (no flips: ELLA's captions say where things are).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import io
 import json
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,18 +60,96 @@ class Record:
 
 @dataclass
 class Skipped:
-    """What was left out, by reason, for the log."""
+    """What was left out, each item once with its reason, and the empty captions kept or refused.
 
+    The log shows per reason a count and a few examples; the full list goes to ``skipped.txt`` (one line per item:
+    reason, TAB, file or location, and where there is one, TAB and what went wrong)."""
+
+    items: list[tuple[str, str, str]] = field(default_factory=list)  # (reason, where, detail)
     counts: Counter = field(default_factory=Counter)
-    examples: dict[str, str] = field(default_factory=dict)
+    kept_empty: list[str] = field(default_factory=list)  # empty_captions = "keep": trained on the empty text
+    refused_empty: list[str] = field(default_factory=list)  # empty_captions = "error": named in the refusal
+    _seen: set = field(default_factory=set, repr=False)
 
-    def add(self, reason: str, where: str) -> None:
+    def add(self, reason: str, where: str, detail: str = "") -> bool:
+        """Record an item once; False when it was recorded already (a shard read again, a file broken every epoch)."""
+        if (reason, where) in self._seen:
+            return False
+        self._seen.add((reason, where))
+        self.items.append((reason, where, detail))
         self.counts[reason] += 1
-        self.examples.setdefault(reason, where)
+        return True
 
-    def report(self) -> None:
+    def summary(self) -> str:
+        return ", ".join(f"{count} {reason}" for reason, count in sorted(self.counts.items()))
+
+    def report(self, folder: Path | None = None, main: bool = True) -> Path | None:
+        """Log each reason with a count and a few examples; with ``folder``, the full list goes to
+        ``folder/skipped.txt`` (an old list there is replaced, or removed when nothing was skipped). Only the main
+        process logs and writes (``main``); returns the list's path when one was written."""
+        if not main:
+            return None
+        written = None
+        if folder is not None:
+            written = write_skipped(folder / SKIPPED_FILE, self.items, append=False)
         for reason, count in sorted(self.counts.items()):
-            log.warning("ELLA train: skipped %d item(s): %s (e.g. %s)", count, reason, self.examples[reason])
+            shown = [_shown(where, detail) for r, where, detail in self.items if r == reason][:EXAMPLES]
+            more = f" and {count - len(shown)} more" if count > len(shown) else ""
+            log.warning("ELLA train: skipped %d item(s): %s: %s%s", count, reason, "; ".join(shown), more)
+        if self.kept_empty:
+            more = f" and {len(self.kept_empty) - EXAMPLES} more" if len(self.kept_empty) > EXAMPLES else ""
+            log.info("ELLA train: %d item(s) have an empty caption and train on the empty text ([data] "
+                     "empty_captions = 'keep'): %s%s", len(self.kept_empty), "; ".join(self.kept_empty[:EXAMPLES]),
+                     more)
+        if written is not None:
+            log.warning("ELLA train: the full list of the %d skipped item(s) is in %s (reason, TAB, file).",
+                        len(self.items), written)
+        return written
+
+    def refuse_empty(self) -> None:
+        """``empty_captions = 'error'``: refuse, naming the files, when a caption was empty."""
+        if self.refused_empty:
+            raise empty_caption_error(self.refused_empty)
+
+
+SKIPPED_FILE = "skipped.txt"
+EXAMPLES = 3  # examples per reason in the log; the rest are in skipped.txt
+
+
+def _shown(where: str, detail: str) -> str:
+    return f"{where} ({detail})" if detail else where
+
+
+def _field(text: str) -> str:
+    return text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+
+
+def write_skipped(path: Path, items: list[tuple[str, str, str]], append: bool) -> Path | None:
+    """Write (or append) ``reason TAB where [TAB detail]`` lines; an empty list replaces nothing but an old file."""
+    if not items:
+        if not append and path.is_file():
+            path.unlink()
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a" if append else "w", encoding="utf-8") as f:
+        for reason, where, detail in items:
+            f.write("\t".join(_field(x) for x in (reason, where, detail) if x) + "\n")
+    return path
+
+
+def empty_caption_error(where: list[str]) -> DataError:
+    shown = ", ".join(where[:10]) + (f" and {len(where) - 10} more" if len(where) > 10 else "")
+    return DataError(f"{len(where)} caption(s) are empty ([data] empty_captions = 'error'): {shown}. Write those "
+                     "captions, or set [data] empty_captions = 'skip' (leave those images out) or 'keep' (train them "
+                     "on the empty text, as caption dropout does).")
+
+
+def short_error(exc: BaseException) -> str:
+    """What went wrong, in one short line (PIL's messages name the file again: the name is kept, the folder cut)."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    text = re.sub(r"'(?:[^'\n]*[/\\])([^'/\\\n]+)'", r"'\1'", text)
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 # -- buckets ------------------------------------------------------------------------------------------------------
@@ -157,59 +237,143 @@ def source_kind(path: Path) -> str:
     return "captions"
 
 
-def _read_caption(path: Path) -> str | None:
+def source_kinds(config: Config) -> list[str]:
+    """Each [[data.sources]] entry's kind (raises for a path that does not exist)."""
+    if not config.sources:
+        raise DataError("The config has no [[data.sources]]: add at least one with a path to your images.")
+    return [source_kind(Path(config.resolve(source.path))) for source in config.sources]
+
+
+def refuse_mixed_sources(config: Config, kinds: list[str]) -> None:
+    """Training on the fly reads folders as a list and shards as a stream: one run cannot do both. A cache can."""
+    folders = [s.path for s, kind in zip(config.sources, kinds) if kind != "shards"]
+    shards = [s.path for s, kind in zip(config.sources, kinds) if kind == "shards"]
+    if folders and shards:
+        raise DataError(
+            f"The sources mix image folders ({', '.join(map(repr, folders))}) and webdataset shards "
+            f"({', '.join(map(repr, shards))}), which training on the fly cannot read together. Set [train] cache = "
+            "\"a new folder\" in the config: `train` then encodes both into that one cache at the start and trains "
+            f"from it (or make it first with `python -m ella_ext.train cache --config {config.path or 'run.toml'}`). "
+            "Or pack the folders into shards.")
+
+
+def _decode_problem(data: bytes, exc: UnicodeDecodeError) -> str:
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8"
+    return (f"byte 0x{data[exc.start]:02x} at offset {exc.start} is not UTF-8 (Latin-1 or Windows-1252?); "
+            "save it as UTF-8")
+
+
+def _decode_caption(data: bytes) -> tuple[str | None, str]:
+    """The text (a UTF-8 byte-order mark dropped, spaces stripped), or None and what is wrong with the bytes."""
     try:
-        return path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
+        return data.decode("utf-8-sig").strip(), ""
+    except UnicodeDecodeError as exc:
+        return None, _decode_problem(data, exc)
 
 
-def list_caption_folder(index: int, folder: Path, extension: str, skipped: Skipped) -> list[Record]:
+def _read_caption(path: Path) -> tuple[str | None, str, str]:
+    """(caption, reason, detail): the caption, or None with why it cannot be used."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, f"no caption file ({path.suffix})", ""
+    except OSError as exc:
+        return None, "caption file unreadable", short_error(exc)
+    caption, problem = _decode_caption(data)
+    return (caption, "", "") if caption is not None else (None, "caption file not UTF-8", problem)
+
+
+EMPTY_CAPTION = "empty caption ([data] empty_captions = 'skip')"
+
+
+def _accept_empty(mode: str, where: str, skipped: Skipped) -> bool:
+    """An empty caption under ``[data] empty_captions``: True when the item trains on the empty text."""
+    if mode == "keep":
+        skipped.kept_empty.append(where)
+        return True
+    if mode == "error":
+        skipped.refused_empty.append(where)
+    else:
+        skipped.add(EMPTY_CAPTION, where)
+    return False
+
+
+def _image_size_or_skip(image: Path | bytes, where: str, skipped: Skipped) -> tuple[int, int] | None:
+    try:
+        return image_size(image if isinstance(image, bytes) else str(image))
+    except FileNotFoundError:
+        skipped.add("image file missing", where)
+    except Exception as exc:  # PIL raises many types for broken files
+        skipped.add("unreadable image", where, short_error(exc))
+    return None
+
+
+def caption_folder_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def list_caption_folder(index: int, folder: Path, extension: str, skipped: Skipped,
+                        empty_captions: str = "skip") -> list[Record]:
     records = []
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    for image in images:
+    for image in caption_folder_images(folder):
         rel = image.relative_to(folder).as_posix()
-        caption = _read_caption(image.with_suffix(extension))
+        caption_file = image.with_suffix(extension)
+        caption, reason, detail = _read_caption(caption_file)
         if caption is None:
-            skipped.add(f"no readable caption file ({extension})", str(image))
+            skipped.add(reason, str(image) if reason.startswith("no caption") else str(caption_file), detail)
             continue
-        try:
-            size = image_size(str(image))
-        except Exception:  # PIL raises many types for broken files
-            skipped.add("unreadable image", str(image))
+        if not caption and not _accept_empty(empty_captions, str(caption_file), skipped):
             continue
-        records.append(Record(f"{index:03d}/{rel}", caption, size, index, path=str(image)))
+        size = _image_size_or_skip(image, str(image), skipped)
+        if size is not None:
+            records.append(Record(f"{index:03d}/{rel}", caption, size, index, path=str(image)))
     return records
 
 
-def list_jsonl_folder(index: int, folder: Path, skipped: Skipped) -> list[Record]:
-    records = []
-    metadata = folder / "metadata.jsonl"
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+def jsonl_rows(metadata: Path) -> Iterator[tuple[str, dict | None, str, str]]:
+    """(where, row, reason, detail) for each non-blank line of a metadata.jsonl: the row is None when the line
+    cannot be used, and the reason and detail say why."""
+    for number, raw in enumerate(metadata.read_bytes().splitlines(), 1):
+        if not raw.strip():
             continue
         where = f"{metadata}:{number}"
+        line, problem = _decode_caption(raw)
+        if line is None:
+            yield where, None, "metadata.jsonl line not UTF-8", problem
+            continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            skipped.add("metadata.jsonl line that is not JSON", where)
+            yield where, None, "metadata.jsonl line that is not JSON", ""
             continue
-        name = row.get("file_name") if isinstance(row, dict) else None
-        caption = next((row[k] for k in ("text", "caption") if isinstance(row.get(k), str)), None) \
-            if isinstance(row, dict) else None
-        if not isinstance(name, str):
-            skipped.add("metadata.jsonl line without file_name", where)
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            yield where, None, "metadata.jsonl line without file_name", ""
             continue
+        yield where, row, "", ""
+
+
+def jsonl_caption(row: dict) -> str | None:
+    return next((row[k] for k in ("text", "caption") if isinstance(row.get(k), str)), None)
+
+
+def list_jsonl_folder(index: int, folder: Path, skipped: Skipped, empty_captions: str = "skip") -> list[Record]:
+    records = []
+    for where, row, reason, detail in jsonl_rows(folder / "metadata.jsonl"):
+        if row is None:
+            skipped.add(reason, where, detail)
+            continue
+        name, caption = row["file_name"], jsonl_caption(row)
         if caption is None:
             skipped.add("metadata.jsonl line without a text (or caption) string", where)
             continue
-        image = folder / name
-        try:
-            size = image_size(str(image))
-        except Exception:
-            skipped.add("missing or unreadable image", str(image))
+        caption = caption.strip()
+        if not caption and not _accept_empty(empty_captions, f"{where} ({name})", skipped):
             continue
-        records.append(Record(f"{index:03d}/{name}", caption.strip(), size, index, path=str(image)))
+        image = folder / name
+        size = _image_size_or_skip(image, str(image), skipped)
+        if size is not None:
+            records.append(Record(f"{index:03d}/{name}", caption, size, index, path=str(image)))
     return records
 
 
@@ -222,12 +386,14 @@ def shard_urls(path: str) -> list[str]:
     return list(expand_urls(path))
 
 
-def iter_shard(index: int, url: str, skipped: Skipped, decode: bool = True) -> Iterator[tuple[Record, bytes]]:
-    """Usable records of one shard, with the image's bytes."""
+def iter_shard(index: int, url: str, skipped: Skipped, decode: bool = True,
+               empty_captions: str = "skip") -> Iterator[tuple[Record, bytes]]:
+    """Usable records of one shard, with the image's bytes. ``empty_captions = 'error'`` raises at the first empty
+    caption met (a shard is only known once read)."""
     from webdataset.tariterators import tarfile_samples
 
     def keep_going(exc: Exception) -> bool:
-        skipped.add(f"unreadable shard data ({type(exc).__name__})", url)
+        skipped.add(f"unreadable shard data ({type(exc).__name__})", url, short_error(exc))
         return True
 
     for sample in tarfile_samples([{"url": url}], handler=keep_going):
@@ -239,7 +405,7 @@ def iter_shard(index: int, url: str, skipped: Skipped, decode: bool = True) -> I
             try:
                 meta = json.loads(sample["json"])
                 caption = next((meta[k] for k in ("caption", "text") if isinstance(meta.get(k), str)), None)
-            except (json.JSONDecodeError, AttributeError):
+            except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
                 caption = None
         if image_ext is None:
             skipped.add("shard sample without an image", where)
@@ -248,42 +414,43 @@ def iter_shard(index: int, url: str, skipped: Skipped, decode: bool = True) -> I
             skipped.add("shard sample without a caption (txt, caption, text or json)", where)
             continue
         if isinstance(caption, bytes):
-            try:
-                caption = caption.decode("utf-8")
-            except UnicodeDecodeError:
-                skipped.add("shard caption that is not UTF-8", where)
+            caption, problem = _decode_caption(caption)
+            if caption is None:
+                skipped.add("shard caption not UTF-8", where, problem)
                 continue
-        try:
-            size = image_size(sample[image_ext])
-        except Exception:
-            skipped.add("unreadable image", where)
+        caption = caption.strip()
+        if not caption and not _accept_empty(empty_captions, where, skipped):
+            if empty_captions == "error":
+                raise empty_caption_error([where])
             continue
-        record = Record(f"{index:03d}/{Path(url).name}/{key}", caption.strip(), size, index, path=url, member=key,
+        size = _image_size_or_skip(sample[image_ext], where, skipped)
+        if size is None:
+            continue
+        record = Record(f"{index:03d}/{Path(url).name}/{key}", caption, size, index, path=url, member=key,
                         image_ext=image_ext)
         yield record, sample[image_ext]
 
 
-def list_sources(config: Config, skipped: Skipped) -> tuple[list[Record], list[tuple[int, list[str]]]]:
-    """Listed records of the folder sources (sorted by key) and the shard urls of the shard sources."""
-    if not config.sources:
-        raise DataError("The config has no [[data.sources]]: add at least one with a path to your images.")
+def list_sources(config: Config, skipped: Skipped,
+                 kinds: list[str] | None = None) -> tuple[list[Record], list[tuple[int, list[str]]]]:
+    """Listed records of the folder sources (sorted by key) and the shard urls of the shard sources (``kinds``: the
+    sources' kinds when known). With ``[data] empty_captions = 'error'``, an empty caption in a folder is refused
+    here, naming every such file."""
     records: list[Record] = []
     shards: list[tuple[int, list[str]]] = []
-    for index, source in enumerate(config.sources):
+    empty_captions = config.data["empty_captions"]
+    for index, (source, kind) in enumerate(zip(config.sources, kinds or source_kinds(config))):
         path = Path(config.resolve(source.path))
-        kind = source_kind(path)
         if kind == "captions":
-            records += list_caption_folder(index, path, config.data["caption_extension"], skipped)
+            records += list_caption_folder(index, path, config.data["caption_extension"], skipped, empty_captions)
         elif kind == "jsonl":
-            records += list_jsonl_folder(index, path, skipped)
+            records += list_jsonl_folder(index, path, skipped, empty_captions)
         else:
             urls = shard_urls(str(path))
             if not urls:
                 raise DataError(f"[[data.sources]] path = {source.path!r} names no .tar shards.")
             shards.append((index, urls))
-    if records and shards:
-        raise DataError("The sources mix image folders and webdataset shards. Train on one kind, or run "
-                        "`cache` first (a cache is read as one listed data set), or pack the folders into shards.")
+    skipped.refuse_empty()
     return sorted(records, key=lambda r: r.key), shards
 
 
@@ -348,8 +515,10 @@ class StreamItem:
 
 
 def stream_batches(shards: list[tuple[int, list[str]]], buckets: list[tuple[int, int]], batch: int, rank: int,
-                   processes: int, seed: int, skipped: Skipped, start: int = 0) -> Iterator[list[StreamItem]]:
-    """This process's batches from its shards, epoch after epoch; ``start`` batches are skipped (read, not decoded)."""
+                   processes: int, seed: int, skipped: Skipped, start: int = 0,
+                   empty_captions: str = "skip") -> Iterator[list[StreamItem]]:
+    """This process's batches from its shards, epoch after epoch; ``start`` batches are skipped (read, not decoded).
+    What a shard holds that cannot be used is added to ``skipped`` once (a shard read again adds nothing)."""
     mine = [(index, url) for index, urls in shards for url in urls]
     mine = mine[rank::processes]
     if not mine:
@@ -364,7 +533,7 @@ def stream_batches(shards: list[tuple[int, list[str]]], buckets: list[tuple[int,
         produced = 0
         for position in rng.permutation(len(mine)):
             index, url = mine[position]
-            for record, image in iter_shard(index, url, skipped):
+            for record, image in iter_shard(index, url, skipped, empty_captions=empty_captions):
                 produced += 1
                 bucket = pick_bucket(record.size, buckets)
                 queue = queues.setdefault(bucket, [])
@@ -375,7 +544,42 @@ def stream_batches(shards: list[tuple[int, list[str]]], buckets: list[tuple[int,
                     if made > start:
                         yield queue
         if produced == 0:
-            skipped.report()
             raise DataError(f"The shards of this process ({', '.join(u for _, u in mine[:3])}...) hold no usable "
-                            "sample (an image and a caption under the same key).")
+                            "sample (an image and a caption under the same key); skipped: "
+                            f"{skipped.summary() or 'nothing'}.")
         epoch += 1
+
+
+# -- before any model loads ---------------------------------------------------------------------------------------
+
+
+def empty_caption_places(config: Config, kinds: list[str]) -> list[str]:
+    """The empty captions of the folder sources, named as the listing names them (captions are read, images are
+    not; shards are only known once read)."""
+    places = []
+    for source, kind in zip(config.sources, kinds):
+        folder = Path(config.resolve(source.path))
+        if kind == "captions":
+            for image in caption_folder_images(folder):
+                caption_file = image.with_suffix(config.data["caption_extension"])
+                if _read_caption(caption_file)[0] == "":
+                    places.append(str(caption_file))
+        elif kind == "jsonl":
+            for where, row, _, _ in jsonl_rows(folder / "metadata.jsonl"):
+                caption = jsonl_caption(row) if row is not None else None
+                if caption is not None and not caption.strip():
+                    places.append(f"{where} ({row['file_name']})")
+    return places
+
+
+def preflight(config: Config) -> None:
+    """What can be refused before any model loads: a source that does not exist, folders mixed with shards for
+    training on the fly (no [train] cache), and with ``[data] empty_captions = 'error'`` an empty caption in a folder
+    source (every such file named)."""
+    kinds = source_kinds(config)
+    if config.cache_dir is None:
+        refuse_mixed_sources(config, kinds)
+    if config.data["empty_captions"] == "error":
+        places = empty_caption_places(config, kinds)
+        if places:
+            raise empty_caption_error(places)

@@ -5,12 +5,15 @@ seeded by (seed, micro-batch number, position in the global batch)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .config import Config, ConfigError
 from .data import (
+    EXAMPLES,
+    SKIPPED_FILE,
     DataError,
     ListedPlan,
     Skipped,
@@ -18,8 +21,12 @@ from .data import (
     make_buckets,
     pick_bucket,
     prepare_image,
+    refuse_mixed_sources,
     sample_seed,
+    short_error,
+    source_kinds,
     stream_batches,
+    write_skipped,
 )
 from .runtime import token_max_length
 
@@ -37,8 +44,8 @@ class _ListedImages(torch.utils.data.Dataset):
         record = self.records[index]
         try:
             pixels, crop = prepare_image(record.path, self.buckets_of[index])
-        except Exception:  # a file that changed or broke since it was listed
-            return {"index": index, "pixels": None}
+        except Exception as exc:  # a file that changed or broke since it was listed: the main process names it
+            return {"index": index, "pixels": None, "error": short_error(exc)}
         return {"index": index, "pixels": pixels, "crop": crop}
 
 
@@ -66,19 +73,48 @@ def _collate(items: list[dict]) -> list[dict]:
     return items
 
 
+BROKEN = "image unreadable while training (its place in the batch taken by another)"
+
+
 @dataclass
 class Data:
-    """This process's micro-batches: ``next(data)`` -> list of dicts (record, pixels or cached tensors, crop)."""
+    """This process's micro-batches: ``next(data)`` -> list of dicts (record, pixels or cached tensors, crop).
+
+    What breaks or is skipped while training (an image broken since it was listed, a shard's bad sample) is named
+    here, in this process, once per item: a log line (the first few per reason) and a line appended to
+    ``skipped_file``. Data loader workers are separate processes: they return the reason with the item."""
 
     iterator: object
     records: list
     buckets_of: list | None
     cached: bool
     empty: dict | None = None
-    skipped: Skipped | None = None
+    skipped: Skipped = field(default_factory=Skipped)
+    skipped_file: Path | None = None
+    streamed: bool = False
 
     def __next__(self):
-        return next(self.iterator)
+        try:
+            batch = next(self.iterator)
+        except DataError as exc:  # from a data loader worker: its message holds the worker's traceback
+            raise DataError(str(exc).strip().rsplit("DataError: ", 1)[-1]) from None
+        if self.streamed:  # the stream's worker sends what it skipped since the last batch
+            for reason, where, detail in batch["skipped"]:
+                self.name_once(reason, where, detail)
+            batch = batch["items"]
+        return batch
+
+    def name_once(self, reason: str, where: str, detail: str = "") -> None:
+        if not self.skipped.add(reason, where, detail):
+            return
+        if self.skipped_file is not None:
+            write_skipped(self.skipped_file, [(reason, where, detail)], append=True)
+        count = self.skipped.counts[reason]
+        listed = f"; every one is listed in {self.skipped_file}" if self.skipped_file is not None else ""
+        if count <= EXAMPLES:
+            log.warning("ELLA train: %s: %s%s", reason, where, f" ({detail})" if detail else "")
+        elif count == EXAMPLES + 1:
+            log.warning("ELLA train: more items: %s (not logged one by one%s)", reason, listed)
 
 
 def make_data(config: Config, accelerator, start_micro: int, base, cache_reader=None) -> Data:
@@ -94,18 +130,24 @@ def make_data(config: Config, accelerator, start_micro: int, base, cache_reader=
                           "this UNet needs; make [data] resolution and bucket_step multiples of "
                           f"{base.latent_multiple}.")
     repeats_of_source = [s.repeats for s in config.sources]
+    skipped_file = config.output / SKIPPED_FILE
     if cache_reader is not None:
         items = cache_reader.items
         records = [i.record for i in items]
         buckets_of = [i.bucket for i in items]
         dataset = _ListedCache(cache_reader)
         cached = True
+        _point_at_the_cache_list(cache_reader.folder, skipped_file, accelerator.is_main_process)
     else:
+        kinds = source_kinds(config)
+        refuse_mixed_sources(config, kinds)
         skipped = Skipped()
-        records, shards = list_sources(config, skipped)
-        skipped.report()
+        records, shards = list_sources(config, skipped, kinds)
+        skipped.report(config.output, main=accelerator.is_main_process)
+        if processes > 1:
+            accelerator.wait_for_everyone()  # the list is written before any process appends to it
         if shards:
-            return _stream_data(config, shards, buckets, rank, processes, start_micro, skipped)
+            return _stream_data(config, shards, buckets, rank, processes, start_micro, skipped_file)
         if not records:
             raise DataError("No usable image in the [[data.sources]] (every item was skipped; see the log above). "
                             "Each image needs a caption: a same-name .txt file, or a metadata.jsonl line.")
@@ -116,10 +158,25 @@ def make_data(config: Config, accelerator, start_micro: int, base, cache_reader=
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=_Plan(plan, start_micro), num_workers=workers,
                                          collate_fn=_collate, persistent_workers=False,
                                          multiprocessing_context="spawn" if workers else None)
-    data = Data(iter(loader), records, buckets_of, cached)
+    data = Data(iter(loader), records, buckets_of, cached, skipped_file=skipped_file)
     if cache_reader is not None:
         data.empty = cache_reader.empty()
+    else:
+        data.skipped = skipped
     return data
+
+
+def _point_at_the_cache_list(cache: Path, skipped_file: Path, main: bool) -> None:
+    """Training from a cache: what the cache left out is in its own list (an older list of this run's is stale)."""
+    if not main:
+        return
+    if skipped_file.is_file():
+        skipped_file.unlink()
+    listed = cache / SKIPPED_FILE
+    if listed.is_file():
+        count = sum(1 for _ in listed.open(encoding="utf-8"))
+        log.warning("ELLA train: the cache left out %d item(s) when it was made; they are listed in %s.", count,
+                    listed)
 
 
 class _Stream(torch.utils.data.IterableDataset):
@@ -127,24 +184,29 @@ class _Stream(torch.utils.data.IterableDataset):
         self.args = args
 
     def __iter__(self):
-        for group in stream_batches(*self.args):
+        skipped = Skipped()  # this reader's own: what it adds goes to the main process with the next batch
+        sent = 0
+        for group in stream_batches(*self.args[:6], skipped, *self.args[6:]):
             out = []
             for item in group:
                 try:
                     pixels, crop = prepare_image(item.image, item.bucket)
-                except Exception:
-                    out.append({"record": item.record, "pixels": None, "bucket": item.bucket})
+                except Exception as exc:
+                    out.append({"record": item.record, "pixels": None, "bucket": item.bucket,
+                                "error": short_error(exc)})
                     continue
                 out.append({"record": item.record, "pixels": pixels, "crop": crop, "bucket": item.bucket})
-            yield out
+            yield {"items": out, "skipped": skipped.items[sent:]}
+            sent = len(skipped.items)
 
 
-def _stream_data(config, shards, buckets, rank, processes, start_micro, skipped) -> Data:
-    args = (shards, buckets, config.train["batch_size"], rank, processes, config.train["seed"], skipped, start_micro)
+def _stream_data(config, shards, buckets, rank, processes, start_micro, skipped_file) -> Data:
+    args = (shards, buckets, config.train["batch_size"], rank, processes, config.train["seed"], start_micro,
+            config.data["empty_captions"])
     workers = min(1, config.train["workers"])  # one reader keeps the stream's order
     loader = torch.utils.data.DataLoader(_Stream(args), batch_size=None, num_workers=workers,
                                          multiprocessing_context="spawn" if workers else None)
-    return Data(iter(loader), [], None, False, skipped=skipped)
+    return Data(iter(loader), [], None, False, skipped_file=skipped_file, streamed=True)
 
 
 # -- one micro-batch ----------------------------------------------------------------------------------------------
@@ -171,17 +233,18 @@ def _pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fill_failed(items: list[dict], data: Data) -> list[dict]:
-    """An image that broke since it was listed is replaced by the batch's first good one (counted in the log)."""
+    """An image that broke since it was listed is replaced by the batch's first good one; each such file is named
+    once (log and skipped.txt), however many epochs meet it."""
+    failed = [i for i in items if i.get("pixels", 0) is None]
+    for item in failed:
+        record = item["record"] if "record" in item else data.records[item["index"]]
+        data.name_once(BROKEN, f"{record.path}:{record.member}" if record.member else record.path,
+                       item.get("error", ""))
     good = next((i for i in items if i.get("pixels", 0) is not None), None)
     if good is None:
-        raise DataError("Every image of a batch failed to load; the files changed since they were listed.")
-    out = []
-    for item in items:
-        if item.get("pixels", 0) is None:
-            log.warning("ELLA train: an image could not be read; its place in the batch is taken by another.")
-            item = good
-        out.append(item)
-    return out
+        raise DataError("Every image of a batch failed to load (named above); the files changed since they were "
+                        "listed. Fix or remove them.")
+    return [good if item.get("pixels", 0) is None else item for item in items]
 
 
 def make_inputs(items: list[dict], data: Data, micro: int, config: Config, accelerator, base, encoder) -> Inputs:

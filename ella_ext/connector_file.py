@@ -8,13 +8,16 @@ A file's safetensors metadata may carry (all values are strings):
 - ``ella.heads``: the attention head count (the only part of the shape the tensors cannot tell; 8 when absent);
 - ``ella.config``: the whole ``ConnectorConfig`` as JSON (informative; the shapes decide);
 - what made the connector, written by the trainer (``ella_ext.train``) under the ``META_*`` keys below, read with
-  ``read_metadata`` and shown by the extension.
+  ``read_metadata``; ``read_training_facts`` gives the ones the extension acts on as a ``TrainingFacts``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +35,8 @@ META_MAX_LENGTH = "ella.max_length"  # e.g. "128"
 META_FEATURE_DTYPE = "ella.feature_dtype"  # the LLM's dtype in training: "float16", "bfloat16", "float32"
 META_BASE_FAMILY = "ella.base_family"  # "sd15" or "sdxl"
 META_STEPS = "ella.steps"  # optimiser steps trained
+
+log = logging.getLogger("ella")
 
 
 def _describe(keys: list[str], limit: int = 8) -> str:
@@ -155,3 +160,124 @@ def save_connector(model: Connector, path: str | Path, metadata: dict[str, str] 
     header[HEADS_METADATA_KEY] = str(model.config.heads)
     header[CONFIG_METADATA_KEY] = json.dumps(asdict(model.config))
     save_file(state, str(path), metadata=header)
+
+
+# -- how a connector was trained ------------------------------------------------------------------------------------
+
+TOKEN_LENGTHS = ("fixed", "flexible")
+FEATURE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+BASE_FAMILIES = ("sd15", "sdxl")
+# T5-family names: flan-t5-xl, t5-v1_1-xxl, umt5-xxl, mt5-xl, byt5-small (not t5gemma, an encoder-decoder of its own)
+_T5_NAME = re.compile(r"(?<![a-z0-9])(?:by|um|m|u)?t5(?![a-z])")
+
+
+@dataclass(frozen=True)
+class TrainingFacts:
+    """How a connector was trained, from its file's metadata: what the extension must repeat to run it as trained.
+
+    Each field is None where the file does not say. The official connector's file says nothing at all (it was
+    trained with flan-T5-XL's encoder, its last layer, fp16 features and fixed 128 tokens, for SD 1.5); a value of
+    None means exactly that behaviour to the readers below (``layer`` -1, ``llm_dtype`` fp16 on CUDA), except the
+    token length, which then stays the user's choice. A value the file gives but that cannot be read is left None and
+    named in ``problems`` (and logged): a bad file never stops a generation for its metadata.
+    """
+
+    llm: str | None = None  # the LLM's hub id or folder name
+    llm_layer: int | None = None  # decoder-only LLMs: the hidden state (-1: the last); T5-family encoders ignore it
+    token_length: str | None = None  # "fixed" or "flexible"
+    max_length: int | None = None  # tokens the LLM read (fixed: padded to it; flexible: truncated at it)
+    feature_dtype: str | None = None  # the LLM's dtype in training: "float16", "bfloat16" or "float32"
+    base_family: str | None = None  # "sd15" or "sdxl"
+    problems: tuple[str, ...] = ()  # metadata values that could not be read (each one sentence)
+
+    @property
+    def layer(self) -> int:
+        """The hidden state a decoder-only LLM must give this connector (-1, the last, when the file does not say)."""
+        return -1 if self.llm_layer is None else self.llm_layer
+
+    @property
+    def fixed_length(self) -> int | None:
+        """The fixed token count it was trained with; None if trained flexible or if the file does not say."""
+        return self.max_length if self.token_length == "fixed" else None
+
+    @property
+    def llm_is_t5(self) -> bool | None:
+        """Whether ``llm`` names a T5-family encoder (flan-T5, T5 v1.1, mT5, UMT5, ByT5), by its name; None when the
+        file names no LLM."""
+        return None if not self.llm else bool(_T5_NAME.search(llm_key(self.llm)))
+
+    def llm_dtype(self, device: torch.device | str) -> torch.dtype:
+        """The LLM's precision when the user leaves it to the extension ("auto"): on CUDA the dtype the connector's
+        features had in training (fp16 when the file does not say, as for the official connector), because fp16 and
+        bf16 features give visibly different images; fp32 on the CPU and elsewhere (no fast half precision there)."""
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        return FEATURE_DTYPES.get(self.feature_dtype or "", torch.float16)
+
+    def describe_tokens(self) -> str:
+        """How it read tokens, for messages: ``fixed 128``, ``flexible`` (or ``flexible, up to 256``); "" unknown."""
+        if self.token_length == "fixed" and self.max_length is not None:
+            return f"fixed {self.max_length}"
+        if self.token_length == "flexible":
+            return "flexible" if self.max_length is None else f"flexible, up to {self.max_length}"
+        return ""
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str], source: str = "the connector") -> TrainingFacts:
+        """The facts in a file's metadata strings; unreadable values are left None, named in ``problems`` and
+        logged as warnings (``source`` names the file in them)."""
+        problems: list[str] = []
+
+        def text(key: str, allowed) -> str | None:
+            value = metadata.get(key)
+            if value is None:
+                return None
+            cleaned = str(value).strip().lower()
+            if cleaned in allowed:
+                return cleaned
+            problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}")
+            return None
+
+        def number(key: str, minimum: int | None) -> int | None:
+            value = metadata.get(key)
+            if value is None:
+                return None
+            try:
+                found = int(str(value).strip())
+            except ValueError:
+                found = None
+            if found is None or (minimum is not None and found < minimum):
+                problems.append(f"{key}={value!r} is not a whole number" + (f" from {minimum}" if minimum else ""))
+                return None
+            return found
+
+        llm = str(metadata.get(META_LLM) or "").strip() or None
+        facts = cls(
+            llm=llm,
+            llm_layer=number(META_LLM_LAYER, None),
+            token_length=text(META_TOKEN_LENGTH, TOKEN_LENGTHS),
+            max_length=number(META_MAX_LENGTH, 1),
+            feature_dtype=text(META_FEATURE_DTYPE, tuple(FEATURE_DTYPES)),
+            base_family=text(META_BASE_FAMILY, BASE_FAMILIES),
+            problems=tuple(problems),
+        )
+        for problem in problems:
+            log.warning("ELLA: %s: the metadata %s; it is ignored (the extension's default applies).", source,
+                        problem)
+        return facts
+
+
+def read_training_facts(path: str | Path) -> TrainingFacts:
+    """The ``TrainingFacts`` of a connector file, from its header only (ConnectorLoadError if it cannot be read)."""
+    path = _resolve_path(path)
+    return TrainingFacts.from_metadata(_read_header(path)[1], source=path.name)
+
+
+def llm_key(name: str) -> str:
+    """One spelling for an LLM named by folder, path, hub id or the hub cache's folder name, to compare two names:
+    the last part, lower case (``models--google--flan-t5-xl--text_encoder``, ``google/flan-t5-xl`` and
+    ``/models/flan-t5-xl`` are all ``flan-t5-xl``)."""
+    text = name.strip().replace("\\", "/").lower()
+    if text.startswith("models--"):  # a hub-cache style folder: models--owner--name[--subfolder]
+        text = text.removeprefix("models--").removesuffix("--text_encoder").replace("--", "/")
+    return text.rstrip("/").rsplit("/", 1)[-1]

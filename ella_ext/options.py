@@ -155,6 +155,15 @@ def from_mapping(values: Mapping[str, Any]) -> ELLAOptions:
     return ELLAOptions(**parsed)
 
 
+def named_fields(args: Sequence[Any]) -> frozenset[str] | None:
+    """The fields the script's arguments name: a dict's keys (the API's named form: a field left out is the
+    extension's to fill, e.g. with how the connector was trained), or None for positional values (the UI's, the
+    API's list, which the host completes with the UI's defaults): every field there counts as chosen."""
+    if len(args) >= 1 and isinstance(args[0], Mapping):
+        return frozenset(str(name) for name in args[0])
+    return None
+
+
 def from_script_args(args: Sequence[Any]) -> ELLAOptions:
     """Options from the script's arguments: the UI's positional values (a prefix is enough: the rest take their
     defaults), or a single dict of named fields in the first position (the API)."""

@@ -26,6 +26,7 @@ mode and kept in a bounded LRU beside the encodings.
 from __future__ import annotations
 
 import bisect
+import copy
 import logging
 import re
 import threading
@@ -126,6 +127,32 @@ class TextEncoder:
     def to(self, device: str | torch.device) -> TextEncoder:
         self.model.to(device)
         return self
+
+    @property
+    def hidden_states(self) -> int | None:
+        """How many hidden states a decoder-only LLM gives (its layers + the embeddings); None for T5 encoders."""
+        if self.layer is None:
+            return None
+        layers = getattr(self.model.config, "num_hidden_layers", None)
+        return None if layers is None else int(layers) + 1
+
+    def with_layer(self, layer: int) -> TextEncoder:
+        """This encoder giving the hidden state ``layer`` (a decoder-only LLM; a T5-family encoder has one output and
+        is returned as it is). The result shares the model, the tokenizer, the lock and the caches (whose keys
+        include the layer): a connector trained at another layer costs no second copy of the weights."""
+        if self.layer is None or layer == self.layer:
+            return self
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise InputError(f"A layer is a whole number (-1: the last hidden state); got {layer!r}.")
+        count = self.hidden_states
+        if count is not None and not -count <= layer < count:
+            raise TextEncoderError(
+                f"The connector reads hidden state {layer} of its LLM, but {self.name} has {count} hidden states "
+                f"(-{count} to {count - 1}). Pick the LLM the connector was trained with."
+            )
+        view = copy.copy(self)
+        view.layer = layer
+        return view
 
     def check_fits(self, in_width: int, connector_name: str = "the connector") -> None:
         if self.hidden_size != in_width:
@@ -425,6 +452,17 @@ def token_limit(config, tokenizer) -> int:
     limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
     limits = [int(x) for x in limits if x is not None and 0 < x < 1_000_000]
     return min(limits) if limits else FALLBACK_LIMIT
+
+
+def is_t5_family(model_type: str) -> bool:
+    """Whether transformers' ``model_type`` is a T5-family encoder (it gives one output: no layer to choose)."""
+    return model_type in T5_FAMILY
+
+
+def read_encoder_config(path_or_id: str | Path) -> tuple[str, int]:
+    """``(model_type, hidden size)`` of an encoder from its config.json alone (no weights, no tokenizer)."""
+    config = _load_config(str(path_or_id))
+    return config.model_type, int(getattr(config, "d_model", None) or config.hidden_size)
 
 
 def load_tokenizer(path_or_id: str | Path):

@@ -48,7 +48,7 @@ from ..pass_plan import Foreseen, PassPlan, column_key, plan_pass
 from ..pass_rows import PassTexts, assemble, has_controlnet_mark, row_timesteps
 from ..prompts import MAX_EMPHASIS, WeightedText, plain_text
 from . import host, infotext, settings
-from .loading import LoadedModels, check_names, llm_mismatch, manager
+from .loading import LoadedModels, as_trained, check_names, llm_mismatch, manager, token_mismatch
 
 log = logging.getLogger("ella")
 
@@ -111,6 +111,13 @@ def parse_options(p, args: Sequence[Any]) -> ELLAOptions:
     return options.replace(**overrides) if overrides else options
 
 
+def chosen_fields(p, args: Sequence[Any]) -> frozenset[str] | None:
+    """The fields the user chose (``options.named_fields``, plus the XYZ plot's); None: all of them."""
+    named = opts_mod.named_fields(args)
+    overrides = getattr(p, XYZ_ATTRIBUTE, None) or {}
+    return None if named is None else named | frozenset(overrides)
+
+
 def start(p, args: Sequence[Any]) -> Generation | None:
     """``process()``: read the options; if ELLA is on, load the models and attach the generation to ``p``."""
     manager.release_stale()
@@ -134,6 +141,8 @@ def start(p, args: Sequence[Any]) -> Generation | None:
                 "those UNets. Load an SD 1.5 checkpoint to use ELLA, or turn ELLA off."
             )
         loaded = generation.loaded = manager.load(options)
+        # run the connector as trained: its token length and max where the request left them open (an API dict)
+        options = generation.options = as_trained(options, chosen_fields(p, args), loaded.facts)
         if loaded.connector.config.out_width != width:
             raise InputError(
                 f"ELLA: the connector {options.connector} outputs width {loaded.connector.config.out_width}, but this "
@@ -144,10 +153,11 @@ def start(p, args: Sequence[Any]) -> Generation | None:
             loaded.connector, loaded.encoder, max_length=options.fixed_length,
             cache_entries=int(settings.get("ella_tsc_cache")),
         )
-        other_llm = llm_mismatch(options.connector, loaded.connector_path, options.text_encoder)
-        if other_llm:
-            log.warning("%s", other_llm)
-            generation.warnings.append(other_llm)
+        for warning in (llm_mismatch(options.connector, loaded.connector_path, options.text_encoder),
+                        token_mismatch(options.connector, options, loaded.facts)):
+            if warning:
+                log.warning("ELLA: %s", warning)
+                generation.warnings.append(warning)
     except ELLAError as err:
         manager.generation_finished(generation)
         _report(p, str(err))

@@ -5,6 +5,12 @@
   the connector's per-call memory free while sampling (``forge.before_sampling``).
 - The LLM is loaded once and moved to its run device only to encode a batch's prompts, then back to the CPU (unless
   the user keeps it on the GPU; never under --lowvram / --medvram).
+- A connector runs as it was trained (``TrainingFacts``, from its file): a decoder-only LLM gives it the hidden state
+  its file names, and in the "auto" precision the LLM runs on CUDA in the dtype its features had in training. The
+  registry keeps one copy of an LLM's weights per (folder, dtype), whatever the layer: the layer is a property of the
+  light view ``TextEncoder.with_layer`` makes for each connector (it shares the weights, the tokenizer and the
+  encoding cache, whose keys include the layer), so switching between connectors trained at different layers of one
+  LLM reloads nothing and never hands one connector the other's features.
 - Picking another connector or LLM unloads the previous one; everything is unloaded after the set minutes without an
   ELLA generation, or on the UI's button.
 All loaded models live in the core's registry (``ella_ext.registry``), the project's only long-lived state.
@@ -16,7 +22,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -24,10 +30,10 @@ import torch
 
 from .. import model_files
 from ..connector import Connector
-from ..connector_file import META_LLM, load_connector, read_metadata
+from ..connector_file import META_LLM, TrainingFacts, llm_key, load_connector, read_metadata, read_training_facts
 from ..errors import ELLAError, InputError
 from ..model_files import ModelPaths
-from ..options import ELLAOptions
+from ..options import FIXED, FLEXIBLE, MAX_LENGTH_RANGE, ELLAOptions
 from ..registry import ModelKey, registry
 from . import host, settings
 from .infotext import model_name as infotext_name
@@ -83,12 +89,22 @@ def connector_llm(path: Path) -> str:
         return ""
 
 
-def _llm_key(name: str) -> str:
-    """One spelling for an LLM named by folder, path, hub id or the hub cache's folder name: its last part."""
-    text = name.strip().replace("\\", "/").lower()
-    if text.startswith("models--"):  # a hub-cache style folder: models--owner--name[--subfolder]
-        text = text.removeprefix("models--").removesuffix("--text_encoder").replace("--", "/")
-    return text.rstrip("/").rsplit("/", 1)[-1]
+_llm_key = llm_key  # one spelling for an LLM's name (the core's, shared with the CLI)
+
+
+def connector_facts(connector: str) -> TrainingFacts:
+    """How the connector named in the UI (a listed name; a path where the setting allows them) was trained; empty
+    facts when its file is not on disk or cannot be read (the generation then says why)."""
+    entry = model_files.list_connectors(model_paths()).get(connector)
+    path = entry.path if entry is not None and entry.available else None
+    if path is None and settings.get("ella_allow_paths") and connector.strip():
+        path = Path(connector.strip()).expanduser()
+    if path is None or not Path(path).is_file():
+        return TrainingFacts()
+    try:
+        return read_training_facts(path)
+    except ELLAError:
+        return TrainingFacts()
 
 
 def llm_mismatch(connector: str, connector_path: Path, text_encoder: str) -> str:
@@ -98,6 +114,42 @@ def llm_mismatch(connector: str, connector_path: Path, text_encoder: str) -> str
         return ""
     return (f"the connector {infotext_name(connector)} was trained with the LLM {trained}, not "
             f"{infotext_name(text_encoder)}: pick that LLM for the images it was trained to make")
+
+
+def trained_options(facts: TrainingFacts) -> dict[str, object]:
+    """The token fields a connector was trained with, as option values (only those its file gives and the options
+    can hold)."""
+    trained: dict[str, object] = {}
+    if facts.token_length is not None:
+        trained["token_length"] = FIXED if facts.token_length == "fixed" else FLEXIBLE
+    low, high = MAX_LENGTH_RANGE
+    if facts.max_length is not None and low <= facts.max_length <= high:
+        trained["max_length"] = facts.max_length
+    return trained
+
+
+def as_trained(chosen: ELLAOptions, named: frozenset[str] | None, facts: TrainingFacts) -> ELLAOptions:
+    """The options with the token length and max tokens of the connector's training where the request left them to
+    the extension (``named``: the fields an API dict gave; None: positional values, every field chosen)."""
+    if named is None:
+        return chosen
+    changes = {name: value for name, value in trained_options(facts).items() if name not in named}
+    return chosen.replace(**changes) if changes else chosen
+
+
+def token_mismatch(connector: str, chosen: ELLAOptions, facts: TrainingFacts) -> str:
+    """A warning when the chosen token length (or fixed max) is not the one the connector was trained with; ""
+    otherwise, and when its file does not say."""
+    trained = facts.describe_tokens()
+    if not trained:
+        return ""
+    fixed = facts.fixed_length
+    if (fixed is None) == (chosen.fixed_length is None) and (fixed is None or fixed == chosen.fixed_length):
+        return ""
+    used = "flexible" if chosen.fixed_length is None else f"fixed {chosen.fixed_length}"
+    advice = f"Fixed with {fixed} max tokens" if fixed is not None else "Flexible"
+    return (f"the connector {infotext_name(connector)} was trained with {trained} tokens, and ran with {used}: set "
+            f"the token length to {advice} to run it as trained")
 
 
 def describe_choice(connector: str, text_encoder: str) -> str:
@@ -135,20 +187,21 @@ def describe_choice(connector: str, text_encoder: str) -> str:
 @dataclass
 class LoadedModels:
     connector: Connector
-    encoder: object
+    encoder: object  # the registry's LLM as this connector reads it (``with_layer``: the hidden state it trained on)
     connector_key: ModelKey
     encoder_key: ModelKey
     llm_device: torch.device
     offload: bool
     connector_path: Path
+    facts: TrainingFacts = field(default_factory=TrainingFacts)  # how the connector was trained (its file's metadata)
 
     @contextlib.contextmanager
     def encoding(self) -> Iterator[object]:
         """The LLM on its run device for the duration of the block; back on the CPU afterwards if offloading."""
         _make_room(self.encoder_key, self.llm_device)
-        encoder = registry.to(self.encoder_key, self.llm_device)
+        registry.to(self.encoder_key, self.llm_device)  # moves the weights this connector's view shares
         try:
-            yield encoder
+            yield self.encoder
         finally:
             if self.offload and self.llm_device != CPU:
                 registry.to(self.encoder_key, CPU)
@@ -184,9 +237,10 @@ class ModelManager:
         connector_path = model_files.ensure_connector(paths, options.connector, offline=offline)
         encoder_path = model_files.ensure_text_encoder(paths, options.text_encoder, offline=offline)
 
+        facts = read_training_facts(connector_path)  # the header only; a file that cannot be read fails here
         device, dtype = host.device(), host.unet_dtype()
         llm_device = device if settings.get("ella_llm_device") == "GPU" else CPU
-        llm_dtype = settings.llm_dtype(llm_device)
+        llm_dtype = settings.llm_dtype(llm_device, facts)
         offload = host.low_vram() or not settings.get("ella_keep_llm_on_gpu")
         connector_key = ModelKey.of("connector", connector_path, dtype)
         encoder_key = ModelKey.of("text_encoder", encoder_path, llm_dtype)
@@ -204,8 +258,10 @@ class ModelManager:
             cache = EncodingCache(int(settings.get("ella_encoding_cache")))
             return load_text_encoder(encoder_path, CPU, llm_dtype, cache=cache)  # encoding() moves it
 
-        encoder = registry.get(encoder_key, load_encoder)
-        return LoadedModels(connector, encoder, connector_key, encoder_key, llm_device, offload, connector_path)
+        # The key has no layer: one copy of the weights serves every connector of this LLM; each gets its own view.
+        encoder = registry.get(encoder_key, load_encoder).with_layer(facts.layer)
+        return LoadedModels(connector, encoder, connector_key, encoder_key, llm_device, offload, connector_path,
+                            facts)
 
     # -- the generations in progress, and unloading -------------------------------------------------------------------
     # The host runs one job at a time (its queue lock); a job can hold several generations, one after another (the

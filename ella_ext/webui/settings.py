@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .. import options
+from ..connector_file import TrainingFacts
 from .infotext import KEY_EMPHASIS
 
 SECTION = ("ella", "ELLA")
@@ -45,16 +46,18 @@ def get(key: str) -> Any:
     return DEFAULTS[key] if value is None else value
 
 
-def llm_dtype(run_device: torch.device) -> torch.dtype:
-    """The LLM's dtype: the setting, or "auto" = fp16 on CUDA (what ELLA was trained with), fp32 elsewhere."""
+def llm_dtype(run_device: torch.device, facts: TrainingFacts | None = None) -> torch.dtype:
+    """The LLM's dtype for a connector: the setting when the user chose one (fp16, bf16, fp32); "auto" is the
+    connector's (``TrainingFacts.llm_dtype``): on CUDA the dtype its features had in training (fp16 when its file does
+    not say, as the official one's), fp32 on the CPU and elsewhere."""
     choice = get("ella_llm_dtype")
     if choice == "fp16":
         return torch.float16
     if choice == "bf16":
         return torch.bfloat16
-    if choice == "fp32" or run_device.type != "cuda":
+    if choice == "fp32":
         return torch.float32
-    return torch.float16
+    return (facts or TrainingFacts()).llm_dtype(run_device)
 
 
 def on_ui_settings() -> None:
@@ -69,7 +72,8 @@ def on_ui_settings() -> None:
 
     add("ella_models_dir", "ELLA models folder", info="empty: <models>/ELLA; text encoders in its text_encoders/")
     add("ella_llm_dtype", "LLM precision", gr.Radio, {"choices": list(LLM_DTYPES)},
-        info="auto: fp16 on a GPU (what ELLA was trained with), fp32 on a CPU")
+        info="auto: on a GPU, the precision the connector's LLM features were trained with (fp16 for the "
+             "official one; its file says), fp32 on a CPU")
     add("ella_llm_device", "Run the LLM on", gr.Radio, {"choices": list(LLM_DEVICES)},
         info="CPU saves about 2.4 GB of GPU memory; encoding is slower but happens once per prompt")
     add("ella_keep_llm_on_gpu", "Keep the LLM on the GPU between generations",

@@ -10,7 +10,8 @@ refreshed_args, elem_id)``, ``modules/scripts.py`` ``Script.infotext_fields`` / 
 ``modules/infotext_utils.py``: pasted text goes through ``on_infotext_pasted`` callbacks, then each field takes
 ``params[key]`` cast to its control's type; "Send to" copies the controls whose key is in ``paste_field_names``;
 ``modules/ui_loadsave.py`` saves the values of labelled controls and buttons to ui-config.json unless the component has
-``do_not_save_to_config``.
+``do_not_save_to_config``. Pasting and "Send to" set the controls' values from Python, which starts their ``change``
+events but not their ``input`` events (those follow the user's own edits), in gradio 3.41 and 4.
 
 The LLM token counter works like the host's own (``modules/ui_toprow.py``, ``modules/ui.py`` ``update_token_counter``,
 ``javascript/token-counters.js``): ``javascript/ella.js`` clicks a hidden button, the count is made in Python and
@@ -86,6 +87,10 @@ def build(script, is_img2img: bool) -> list[Any]:
         unload.click(fn=_unload, inputs=[], outputs=[status])
         for choice in (connector, text_encoder):
             choice.change(fn=_status_html, inputs=[connector, text_encoder], outputs=[status], show_progress="hidden")
+        # a connector the user picks brings the token length it was trained with; ``input``, not ``change``: pasted
+        # parameters and "Send to" set the dropdown too, and their own token length must stay
+        connector.input(fn=trained_tokens, inputs=[connector], outputs=[token_length, max_length],
+                        show_progress="hidden")
         counted = count.click(fn=token_counter_html,
                               inputs=[count_text, enabled, text_encoder, token_length, max_length, llm_prompt],
                               outputs=[counter], show_progress="hidden", queue=False,
@@ -122,6 +127,17 @@ def token_counter_html(text: str, enabled: bool, text_encoder: str, token_length
     else:
         title = f"Tokens the ELLA text encoder reads from {source} (the longest AND part or schedule variant)"
     return _counter_span(f"ELLA {tokens}/{limit}" if fixed else f"ELLA {tokens}", title, over=tokens > limit)
+
+
+def trained_tokens(connector: str) -> tuple[Any, Any]:
+    """Updates of the Token length radio and the Max tokens slider for a connector the user picked: the values its
+    file says it was trained with; each left as it is where the file does not say (the official connector)."""
+    try:
+        trained = loading.trained_options(loading.connector_facts(connector or ""))
+    except Exception:  # an unreadable models folder must not break the UI
+        trained = {}
+    return tuple(gr.update(value=trained[name]) if name in trained else gr.update()
+                 for name in ("token_length", "max_length"))
 
 
 def _counter_span(text: str, title: str, over: bool) -> str:

@@ -8,6 +8,8 @@ Public API (scripts, benchmarks and checks outside the WebUI use exactly these n
   returns ``(features [B, S, D], mask [B, S])``; ``max_length=None`` means flexible length.
 """
 
+__version__ = "0.1.0"  # pyproject.toml's version (a test keeps them equal)
+
 from .connector_file import load_connector, save_connector
 from .errors import ConnectorLoadError, ELLAError, InputError, ModelNotFoundError, TextEncoderError
 

@@ -35,6 +35,7 @@ META_MAX_LENGTH = "ella.max_length"  # e.g. "128"
 META_FEATURE_DTYPE = "ella.feature_dtype"  # the LLM's dtype in training: "float16", "bfloat16", "float32"
 META_BASE_FAMILY = "ella.base_family"  # "sd15" or "sdxl"
 META_STEPS = "ella.steps"  # optimiser steps trained
+META_TRAINING = "ella.training"  # how it was trained: JSON (lr, batch, steps, data, base, LLM, trainer version)
 
 log = logging.getLogger("ella")
 
@@ -150,16 +151,47 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return dict(_read_header(_resolve_path(path))[1])
 
 
-def save_connector(model: Connector, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Save in the official layout, with the head count and the config in the metadata, plus ``metadata`` (strings:
-    what made the connector, for the extension to show)."""
-    from safetensors.torch import save_file
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose bytes depend only on its contents: the header's keys sorted, the tensors in
+    name order. (safetensors' own writer orders the metadata differently in every process, so the same weights gave
+    files with different digests.) Readers see an ordinary safetensors file."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {tensor.dtype} is not written here")
+        blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for blob in blobs:
+            f.write(blob)
+
+
+def save_connector(model: Connector, path: str | Path, metadata: dict[str, str] | None = None,
+                   dtype: torch.dtype | None = None) -> None:
+    """Save in the official layout (in ``dtype``, default the model's), with the head count and the config in the
+    metadata, plus ``metadata`` (strings: what made the connector, for the extension to show). The same weights and
+    metadata give the same bytes."""
+    state = {k: v.detach().to(dtype or v.dtype) for k, v in model.state_dict().items()}
     header = {str(k): str(v) for k, v in (metadata or {}).items()}
     header[HEADS_METADATA_KEY] = str(model.config.heads)
-    header[CONFIG_METADATA_KEY] = json.dumps(asdict(model.config))
-    save_file(state, str(path), metadata=header)
+    header[CONFIG_METADATA_KEY] = json.dumps(asdict(model.config), sort_keys=True)
+    write_safetensors(state, path, header)
 
 
 # -- how a connector was trained ------------------------------------------------------------------------------------

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="latest|PATH",
                        help="continue exactly from the newest checkpoint under [train] output/checkpoints, or from "
                             "a checkpoint folder; raising [train] steps trains on")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete the earlier run in [train] output (its connectors, checkpoints, metrics, logs "
+                            "and samples) and start again; without it a folder holding a run is refused")
     cache = sub.add_parser("cache", help="pre-encode VAE latents and LLM features to disk",
                            description="Encode every image's latent and every caption's LLM features into [train] "
                                        "cache (split across processes). Training then reads the cache and needs "
@@ -52,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--connector", required=True, type=Path, help="the connector .safetensors file")
     sample.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; replaces [sample] "
                                                                        "prompts)")
-    sample.add_argument("--out", type=Path, help="folder for the images (default: [train] output/samples)")
+    sample.add_argument("--out", type=Path, help="folder for the images (default: [train] output/samples); an "
+                                                 "image already there is never replaced")
     estimate = sub.add_parser("estimate", help="cache size, memory per device and time per step",
                               description="Count the data, size the cache and the memory the models, TSC and "
                                           "optimiser take, and time a few real training steps on random inputs.")
@@ -63,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    """The trainer's own lines at INFO; other libraries' (accelerate's per-checkpoint lines, diffusers') only from
+    WARNING unless -v."""
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("ella").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
@@ -74,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .loop import train
 
-        result = train(config, resume=args.resume)
+        result = train(config, resume=args.resume, overwrite=args.overwrite)
         if result.interrupted:
             print(f"Interrupted at step {result.step}; checkpoint {result.checkpoint}. Continue with --resume latest.")
             return 130
@@ -125,7 +132,7 @@ def _sample(config, args) -> int:
     from .. import load_connector
     from .model import load_base
     from .runtime import load_encoder, make_accelerator, weight_dtype
-    from .sample import encode_prompts, generate
+    from .sample import encode_prompts, free_path, generate, save_sample
 
     prompts = args.prompt or config.sample["prompts"]
     if not prompts:
@@ -134,18 +141,33 @@ def _sample(config, args) -> int:
         raise ConfigError("No prompt: give --prompt TEXT or set [sample] prompts.")
     accelerator = make_accelerator(config)
     device = accelerator.device
+    connector = load_connector(args.connector, device, torch.float32)  # a bad file fails before the base loads
     base = load_base(config, device, weight_dtype(config))
-    connector = load_connector(args.connector, device, torch.float32)
+    check_connector_fits_base(args.connector, connector, base)
     encoder = load_encoder(config, device)
     encoder.check_fits(connector.config.in_width, args.connector.name)
     conditions = encode_prompts(config, base, encoder, prompts)
     out = args.out or config.output / "samples"
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(generate(config, base, connector, conditions)):
-        path = out / f"{args.connector.stem}-{i}.png"
-        image.save(path)
+        path = save_sample(image, free_path(out, f"{args.connector.stem}-{i}"), config, prompts[i], i,
+                           args.connector.name)
         print(path)
     return 0
+
+
+def check_connector_fits_base(path: Path, connector, base) -> None:
+    """A connector made for another model family (or context width) cannot condition this base's UNet."""
+    from ..connector_file import META_BASE_FAMILY, read_metadata
+    from .config import ConfigError
+
+    family = read_metadata(path).get(META_BASE_FAMILY, "")
+    width = connector.config.out_width
+    if width != base.context_width or (family and family != base.family):
+        made_for = f"an {family} base" if family else f"a UNet with a {width}-wide context"
+        raise ConfigError(f"{path.name} was made for {made_for} ({width}-wide tokens), but [model] base "
+                          f"{base.name} is {base.family} with a {base.context_width}-wide context. Sample it with "
+                          "the base it was trained for, or pick a connector trained on this base.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ Every key, its default and its meaning is listed in ``KEYS`` (the README's table
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -55,6 +56,13 @@ KEYS: dict[str, dict[str, Key]] = {
         "token_length": Key(str, "fixed", "fixed pads to max_length like the reference; flexible masks padding",
                             choices=("fixed", "flexible")),
         "max_length": Key(int, 128, "tokens the LLM reads (fixed: padded to it; flexible: truncated at it)", minimum=1),
+        "allow_other_llm": Key(bool, False, "resume or init_from a connector made with another LLM than [model] llm "
+                                            "(false: refused; true: a warning)"),
+        "vae": Key(str, "", help="another VAE instead of the base's: a diffusers folder, hub id or single-file "
+                                 ".safetensors (e.g. an fp16-fixed SDXL VAE)"),
+        "vae_dtype": Key(str, "auto", "the VAE's precision; auto = float32 for SDXL's own VAE under fp16 (it "
+                                      "overflows in fp16), else the frozen models' precision",
+                         choices=("auto", "float32", "float16", "bfloat16")),
     },
     "connector": {
         "init_from": Key(str, "", help="an existing connector to fine-tune (its shape comes from the file)"),
@@ -87,17 +95,27 @@ KEYS: dict[str, dict[str, Key]] = {
         "steps": Key(int, help="optimiser steps", minimum=1),
         "batch_size": Key(int, 1, "images per process per micro-batch", minimum=1),
         "grad_accum": Key(int, 1, "micro-batches per optimiser step", minimum=1),
-        "lr": Key(float, 1e-4, "learning rate (paper: 1e-4 sd15, 1e-5 sdxl at 1024 px)", above=0.0),
+        "lr": Key(float, None, "peak learning rate; unset = the paper's: 1e-4 for sd15, 1e-5 for sdxl", above=0.0),
+        "lr_schedule": Key(str, "constant", "after the warm-up: constant, or a cosine / linear decay to 0 at [train] "
+                                            "steps", choices=("constant", "cosine", "linear")),
         "weight_decay": Key(float, 0.01, "AdamW weight decay", minimum=0.0),
-        "warmup_steps": Key(int, 0, "linear warm-up from 0, then constant", minimum=0),
+        "warmup_steps": Key(int, 0, "linear warm-up from 0 to lr over these steps, then lr_schedule", minimum=0),
         "max_grad_norm": Key(float, 1.0, "gradient clipping norm (0 = off)", minimum=0.0),
         "optimizer": Key(str, "adamw", "adamw8bit needs bitsandbytes", choices=("adamw", "adamw8bit")),
         "mixed_precision": Key(str, "no", "frozen models' precision and autocast; the TSC keeps fp32 weights",
                                choices=("no", "fp16", "bf16")),
         "gradient_checkpointing": Key(bool, False, "recompute the frozen UNet's activations in the backward"),
+        "min_snr_gamma": Key(float, 0.0, "Min-SNR loss weighting, min(SNR, gamma) / SNR (Hang et al. 2023; 5 is "
+                                         "their choice; 0 = off, the paper's plain MSE)", minimum=0.0),
+        "noise_offset": Key(float, 0.0, "offset noise: a per-channel constant times this is added to the noise "
+                                        "(Guttenberg 2023; e.g. 0.05; 0 = off)", minimum=0.0, maximum=1.0),
         "seed": Key(int, 0, "every random draw (init, data order, dropout, timesteps, noise) follows from it",
                     minimum=0),
         "ema": Key(float, 0.0, "EMA decay of the saved weights (0 = off, e.g. 0.999)", minimum=0.0, maximum=0.999999),
+        "save_precision": Key(str, "fp16", "the connector files' precision (the official file is fp16; "
+                                           "checkpoints keep fp32)", choices=("fp16", "bf16", "fp32")),
+        "trackers": Key(list, ["tensorboard"], "where metrics and sample images go: tensorboard, wandb (needs "
+                                               "pip install wandb); [] = metrics.jsonl only"),
         "save_every": Key(int, 0, "steps between connector-step{N} files and checkpoints (0 = only at the end)",
                           minimum=0),
         "sample_every": Key(int, 0, "steps between sample images (0 = never; also at the end when prompts are set)",
@@ -120,6 +138,9 @@ KEYS: dict[str, dict[str, Key]] = {
     },
 }
 SECTIONS = ("model", "connector", "data", "train", "sample")
+TRACKERS = ("tensorboard", "wandb")
+# The paper's learning rates (ELLA, arXiv 2403.05135): SD 1.5 at 1e-4, SDXL at 1e-5.
+FAMILY_LR = {"sd15": 1e-4, "sdxl": 1e-5}
 
 
 @dataclass
@@ -277,3 +298,58 @@ def _check_combinations(config: Config) -> None:
     if not data["caption_extension"].startswith("."):
         raise ConfigError(f"[data] caption_extension = {data['caption_extension']!r} must start with a dot, "
                           "e.g. '.txt'.")
+    unknown = sorted(set(config.train["trackers"]) - set(TRACKERS))
+    if unknown:
+        raise ConfigError(f"[train] trackers: {', '.join(map(repr, unknown))} unknown; use any of "
+                          f"{', '.join(map(repr, TRACKERS))}, or [] for metrics.jsonl only.")
+    if config.train["warmup_steps"] >= config.train["steps"] and config.train["lr_schedule"] != "constant":
+        raise ConfigError(f"[train] warmup_steps = {config.train['warmup_steps']} leaves no step for the "
+                          f"{config.train['lr_schedule']} decay of {config.train['steps']} steps; lower it.")
+
+
+# Keys that name files or folders: written absolute in the saved config, so it runs from anywhere.
+PATH_KEYS = {("model", "base"), ("model", "base_config"), ("model", "llm"), ("model", "vae"),
+             ("connector", "init_from"), ("data.sources", "path")}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def _saved_path(config: Config, value: str) -> str:
+    resolved = config.resolve(value)
+    return str(Path(resolved).resolve()) if resolved and Path(resolved).exists() else value
+
+
+def run_config_text(config: Config) -> str:
+    """The config as the run used it, as TOML: every key with its default filled in and --set applied, paths made
+    absolute. ``load_config`` reads it back to the same values."""
+    lines = ["# The config this run used: defaults filled in, --set overrides applied, paths made absolute.",
+             "# Written by python -m ella_ext.train; `train --config` on this file repeats the run."]
+    for name in SECTIONS:
+        lines += ["", f"[{name}]"]
+        for key, value in getattr(config, name).items():
+            if value is None:
+                lines.append(f"# {key}: unset ({KEYS[name][key].help})")
+                continue
+            if (name, key) in PATH_KEYS:
+                value = _saved_path(config, value)
+            if name == "train" and key in ("output", "cache") and value:
+                value = str(config.resolve_new(value).resolve())
+            lines.append(f"{key} = {_toml_value(value)}")
+    for source in config.sources:
+        lines += ["", "[[data.sources]]"]
+        for key in KEYS["data.sources"]:
+            value = getattr(source, key)
+            lines.append(f"{key} = {_toml_value(_saved_path(config, value) if key == 'path' else value)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_run_config(config: Config, path: Path) -> None:
+    path.write_text(run_config_text(config), encoding="utf-8")

@@ -7,11 +7,15 @@ resolution, unless ``measure`` is off."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
+from ..errors import TextEncoderError
 from .config import Config
 from .data import Skipped, iter_shard, list_sources, make_buckets, pick_bucket
+from .model import BaseModelError, refuse_pickle
+from .summary import weights_memory
 
 GIB = 2**30
 
@@ -29,23 +33,43 @@ def _meta_sizes(config: Config) -> dict[str, int]:
     from .model import CONFIGS, _single_file_family, is_single_file
 
     base = config.resolve(config.model["base"])
+    refuse_pickle(base, "[model] base")
     if is_single_file(base):
         from safetensors import safe_open
 
-        with safe_open(base, framework="pt") as f:
-            family = _single_file_family(set(f.keys()), base)
+        if not Path(base).is_file():
+            raise BaseModelError(f"[model] base = {base!r}: no such file.")
+        try:
+            with safe_open(base, framework="pt") as f:
+                family = _single_file_family(set(f.keys()), base)
+        except BaseModelError:
+            raise
+        except Exception as exc:  # safetensors raises its own types
+            raise BaseModelError(f"{base} could not be read as safetensors ({exc}); it may be a partial "
+                                 "download.") from exc
         folder = config.resolve(config.model["base_config"]) if config.model["base_config"] else str(CONFIGS / family)
     else:
         folder = base
     counts = {}
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
-        counts["unet"] = _param_count(unet)
-        counts["vae"] = _param_count(AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae")))
-        if unet.config.addition_embed_type == "text_time":
-            clip = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2"))
-            counts["clip_g"] = _param_count(clip)
+    try:
+        unet_config = UNet2DConditionModel.load_config(folder, subfolder="unet")
+        vae_config = AutoencoderKL.load_config(folder, subfolder="vae")
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"[model] base = {base!r} is not a diffusers pipeline (folder or hub id with unet/ and "
+                             f"vae/ configs) or a .safetensors single file that could be read: {exc}") from exc
+    try:
         llm_config = AutoConfig.from_pretrained(config.resolve(config.model["llm"]))
+    except (OSError, ValueError) as exc:
+        raise TextEncoderError(f"[model] llm = {config.model['llm']!r}: no LLM config could be read there ({exc}). "
+                               "Give an LLM folder with config.json, or a hub id.") from exc
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(unet_config)
+        counts["unet"] = _param_count(unet)
+        counts["vae"] = _param_count(AutoencoderKL.from_config(vae_config))
+        if unet.config.addition_embed_type == "text_time":
+            clip_config = CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2")
+            counts["clip_g"] = _param_count(CLIPTextModelWithProjection(clip_config))
+            counts["pooled_width"] = clip_config.projection_dim
         if llm_config.model_type in ("t5", "mt5", "umt5"):
             from transformers import T5EncoderModel
 
@@ -55,7 +79,7 @@ def _meta_sizes(config: Config) -> dict[str, int]:
     counts["family"] = "sdxl" if "clip_g" in counts else "sd15"
     counts["context_width"] = unet.config.cross_attention_dim
     counts["llm_width"] = getattr(llm_config, "d_model", None) or llm_config.hidden_size
-    counts["vae_factor"] = 2 ** (len(AutoencoderKL.load_config(folder, subfolder="vae")["block_out_channels"]) - 1)
+    counts["vae_factor"] = 2 ** (len(vae_config["block_out_channels"]) - 1)
     return counts
 
 
@@ -68,7 +92,11 @@ def estimate(config: Config, measure: bool = True, measure_steps: int = 3) -> di
     sizes = _meta_sizes(config)
     shape = connector_config(config, sizes["family"], sizes["llm_width"], sizes["context_width"])
     tsc = sum(p.numel() for p in _meta_connector(shape).parameters())
-    weight_bytes = {"no": 4, "fp16": 2, "bf16": 2}[config.train["mixed_precision"]]
+    from .model import vae_dtype_for
+    from .runtime import weight_dtype
+
+    latent_dtype = vae_dtype_for(config, sizes["family"], weight_dtype(config))
+    latent_item = torch.empty((), dtype=latent_dtype).element_size()
     feature_bytes = torch.empty((), dtype=llm_dtype(config, device)).element_size()
 
     skipped = Skipped()
@@ -82,23 +110,20 @@ def estimate(config: Config, measure: bool = True, measure_steps: int = 3) -> di
     latent_bytes = feature_total = 0
     for record in records:
         w, h = pick_bucket(record.size, buckets)
-        latent_bytes += 4 * (w // sizes["vae_factor"]) * (h // sizes["vae_factor"]) * weight_bytes
+        latent_bytes += 4 * (w // sizes["vae_factor"]) * (h // sizes["vae_factor"]) * latent_item
         if config.model["token_length"] == "fixed":
             tokens = config.model["max_length"]
         else:
             tokens = min(len(tokenizer(record.caption)["input_ids"]), config.model["max_length"])
-        feature_total += tokens * sizes["llm_width"] * feature_bytes + (1280 * 4 if sizes["family"] == "sdxl" else 0)
-    optimizer_bytes = 2 if config.train["optimizer"] == "adamw8bit" else 8
-    frozen = (sizes["unet"] + sizes["vae"] + sizes.get("clip_g", 0)) * weight_bytes
-    llm = sizes["llm"] * feature_bytes if not config.train["cache"] else 0
-    trainable = tsc * (4 + 4 + optimizer_bytes + (4 if config.train["ema"] else 0))
+        feature_total += tokens * sizes["llm_width"] * feature_bytes + 4 * sizes.get("pooled_width", 0)
+    frozen = sizes["unet"] + sizes["vae"] + sizes.get("clip_g", 0)
     report = {
         "images": len(records),
         "skipped": dict(skipped.counts),
         "cache_bytes": latent_bytes + feature_total,
         "tsc_parameters": tsc,
         "frozen_parameters": {k: sizes[k] for k in ("unet", "vae", "clip_g", "llm") if k in sizes},
-        "memory_weights_bytes": frozen + llm + trainable,
+        "memory_weights_bytes": weights_memory(config, frozen, sizes["llm"], tsc, feature_bytes),
         "device": str(device),
     }
     if measure:
@@ -118,7 +143,7 @@ def _measure(config: Config, steps: int) -> dict:
     from .feed import Inputs
     from .loop import compute_loss, make_optimizer
     from .model import connector_config, init_connector, load_base
-    from .runtime import load_encoder, make_accelerator, weight_dtype
+    from .runtime import load_encoder, make_accelerator, peak_lr, weight_dtype
 
     accelerator = make_accelerator(config)
     device = accelerator.device
@@ -128,7 +153,7 @@ def _measure(config: Config, steps: int) -> dict:
     encoder = load_encoder(config, device) if not config.train["cache"] else None
     width = encoder.hidden_size if encoder else _meta_sizes(config)["llm_width"]
     connector = init_connector(connector_config(config, base.family, width, base.context_width), 0).to(device)
-    optimizer = make_optimizer(config, list(connector.parameters()))
+    optimizer = make_optimizer(config, list(connector.parameters()), peak_lr(config, base.family))
     connector, optimizer = accelerator.prepare(connector, optimizer)
     batch, side = config.train["batch_size"], config.data["resolution"]
     latent = side // base.vae_factor
@@ -143,7 +168,7 @@ def _measure(config: Config, steps: int) -> dict:
             torch.randn(batch, tokens, width, generator=generator).to(device), None,
             torch.randint(0, 1000, (batch,), generator=generator).to(device),
             torch.randn(batch, base.unet.config.in_channels, latent, latent, generator=generator).to(device),
-            torch.randn(batch, 1280).to(device) if base.family == "sdxl" else None,
+            torch.randn(batch, base.clip_g.config.projection_dim).to(device) if base.family == "sdxl" else None,
             torch.tensor([[side, side, 0, 0, side, side]] * batch, dtype=torch.float32)
             if base.family == "sdxl" else None)
         if encoder is not None:  # the on-the-fly LLM pass is part of a step

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -24,21 +25,30 @@ import torch
 import torch.nn.functional as F
 
 from ..connector import Connector
+from ..connector_file import save_connector
 from ..errors import ELLAError
 from .checkpoints import (
     CHECKPOINT_PREFIX,
+    OutputLock,
     TrainState,
+    check_output,
+    check_resumable,
+    check_same_llm,
     checkpoints,
+    connector_shape,
     ema_model,
+    file_llm,
+    llm_name,
     metadata,
     resolve_resume,
     save_checkpoint,
     save_connector_file,
     truncate_metrics,
 )
-from .config import Config, ConfigError
+from .config import Config, ConfigError, write_run_config
 from .feed import Inputs, make_data, make_inputs
-from .runtime import llm_dtype, load_encoder, make_accelerator, weight_dtype
+from .runtime import llm_dtype, load_encoder, make_accelerator, peak_lr, set_threads, weight_dtype
+from .summary import summary_lines, training_record
 
 log = logging.getLogger("ella")
 
@@ -58,7 +68,10 @@ class Result:
 # -- one micro-batch's loss ---------------------------------------------------------------------------------------
 
 
-def compute_loss(connector, base, inputs: Inputs, accelerator) -> torch.Tensor:
+def compute_loss(connector, base, inputs: Inputs, accelerator, min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """The diffusion MSE on the UNet's prediction (the paper's loss); with ``min_snr_gamma`` each sample's MSE is
+    weighted by min(SNR, gamma) / SNR for epsilon targets, min(SNR, gamma) / (SNR + 1) for v targets (Min-SNR,
+    Hang et al. 2023, arXiv 2303.09556), which keeps the low-noise steps from dominating."""
     from .model import target_of
 
     dtype = base.unet.dtype
@@ -69,7 +82,18 @@ def compute_loss(connector, base, inputs: Inputs, accelerator) -> torch.Tensor:
         context = connector(inputs.features, inputs.timesteps.float(), inputs.mask)
         prediction = base.unet(noisy.to(dtype), inputs.timesteps, encoder_hidden_states=context.to(dtype),
                                added_cond_kwargs=base.added_conditions(inputs.pooled, inputs.time_ids, dtype)).sample
-    return F.mse_loss(prediction.float(), target.float())
+    if not min_snr_gamma:
+        return F.mse_loss(prediction.float(), target.float())
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weights(base, inputs.timesteps, min_snr_gamma)).mean()
+
+
+def min_snr_weights(base, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample Min-SNR weights at these training timesteps (SNR = alpha_bar / (1 - alpha_bar))."""
+    alpha_bar = base.scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alpha_bar / (1.0 - alpha_bar)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1.0) if base.prediction == "v_prediction" else clipped / snr
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
@@ -110,169 +134,418 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def lr_at(config: Config, step: int) -> float:
-    """Linear warm-up over warmup_steps (step 0 gets lr / warmup_steps), then constant."""
-    warmup = config.train["warmup_steps"]
-    return config.train["lr"] * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+def lr_at(config: Config, step: int, peak: float) -> float:
+    """The learning rate of optimiser step ``step`` (0-based): a linear warm-up over warmup_steps (step 0 gets
+    peak / warmup_steps), then [train] lr_schedule: constant, or a cosine or linear decay that reaches 0 at
+    [train] steps. A function of the step alone, so a resumed run needs no scheduler state."""
+    warmup, steps = config.train["warmup_steps"], config.train["steps"]
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    schedule = config.train["lr_schedule"]
+    if schedule == "constant":
+        return peak
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    if schedule == "cosine":
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak * (1.0 - progress)
 
 
-def make_optimizer(config: Config, params):
+def make_optimizer(config: Config, params, lr: float):
     if config.train["optimizer"] == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError as exc:
             raise ConfigError("[train] optimizer = 'adamw8bit' needs bitsandbytes: pip install bitsandbytes "
                               "(CUDA only), or use 'adamw'.") from exc
-        return bnb.optim.AdamW8bit(params, lr=config.train["lr"], weight_decay=config.train["weight_decay"])
-    return torch.optim.AdamW(params, lr=config.train["lr"], weight_decay=config.train["weight_decay"])
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=config.train["weight_decay"])
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.train["weight_decay"])
 
 
-def train(config: Config, resume: str | None = None, on_step: Callable[[int, Connector], None] | None = None) -> Result:
-    """Train the TSC as the config says; returns where things were written."""
-    from tqdm.auto import tqdm
+def train(config: Config, resume: str | None = None, on_step: Callable[[int, Connector], None] | None = None,
+          overwrite: bool = False) -> Result:
+    """Train the TSC as the config says; returns where things were written.
 
-    from .cache import CacheReader, build_cache, cache_complete
-    from .model import connector_config, load_base, load_or_init_connector
-
-    output = config.output
-    output.mkdir(parents=True, exist_ok=True)
+    Before any model loads: the data sources must exist, and the output folder must not hold another run (unless
+    ``resume`` continues it or ``overwrite`` deletes it); the folder is locked for the run's lifetime."""
     accelerator = make_accelerator(config, trackers=True)
-    device, main = accelerator.device, accelerator.is_main_process
-    train_cfg = config.train
-    base = load_base(config, device, weight_dtype(config))
-    if train_cfg["gradient_checkpointing"]:
-        base.unet.enable_gradient_checkpointing()
-        _checkpointing_needs_train_mode(base.unet)
-    feature_dtype = llm_dtype(config, device)
-    dtype_name = str(feature_dtype).replace("torch.", "")
-    cache_dir = config.cache_dir
-    encoder = None
-    reader = None
-    if cache_dir is None or not cache_complete(cache_dir) or config.sample["prompts"]:
-        encoder = load_encoder(config, device)
-    if cache_dir is not None:
-        if not cache_complete(cache_dir):
-            log.info("ELLA train: making the cache %s first", cache_dir)
-            build_cache(config, cache_dir, accelerator, base, encoder, dtype_name)
-        reader = CacheReader(cache_dir, config, dtype_name)
-        llm_width = reader.empty()["features"].shape[-1]
-    else:
-        llm_width = encoder.hidden_size
-    shape = connector_config(config, base.family, llm_width, base.context_width)
-    connector = load_or_init_connector(config, shape).to(device)
-    optimizer = make_optimizer(config, [p for p in connector.parameters()])
-    state = TrainState(ema=[p.detach().float().clone() for p in connector.parameters()] if train_cfg["ema"] else [])
-    connector, optimizer = accelerator.prepare(connector, optimizer)
-    accelerator.register_for_checkpointing(state)
-    plain = accelerator.unwrap_model(connector)
+    threads = set_threads(config, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), accelerator.device)
+    check_source_paths(config)
+    lock = _claim_output(accelerator, config.output, resume, overwrite)
+    try:
+        log.info("ELLA train: %s", threads)
+        return _Run(config, accelerator, resume, on_step).run()
+    finally:
+        if lock is not None:
+            lock.release()
 
-    checkpoint = None
-    if resume:
-        checkpoint = resolve_resume(output, resume)
-        accelerator.load_state(str(checkpoint))
-        log.info("ELLA train: resumed from %s at step %d", checkpoint, state.step)
-    steps, accum, batch = train_cfg["steps"], train_cfg["grad_accum"], train_cfg["batch_size"]
-    processes = accelerator.num_processes
-    global_batch = batch * processes * accum
-    log.info("ELLA train: %d process(es) x batch %d x accumulation %d = global batch %d; %d steps (%d done); "
-             "TSC %.1f M parameters", processes, batch, accum, global_batch, steps, state.step,
-             sum(p.numel() for p in plain.parameters()) / 1e6)
-    if state.step >= steps:
-        log.info("ELLA train: already at step %d of %d; raise [train] steps to train on.", state.step, steps)
-    data = make_data(config, accelerator, state.step * accum, base, reader)
-    if reader is not None and encoder is not None and not config.sample["prompts"]:
-        encoder = None
-    prompts = _prompt_conditions(config, base, encoder) if config.sample["prompts"] else None
-    if reader is not None:
-        encoder = None  # the LLM is needed no more: the cache and the prompts' features are at hand
 
-    if main:
-        accelerator.init_trackers("ella")
-        truncate_metrics(output / "metrics.jsonl", state.step)
-    meta = lambda s: metadata(config, base.family, feature_dtype, s, base.name)  # noqa: E731
-    progress = tqdm(total=steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
-    params = [p for p in connector.parameters()]
-    last_saved = None
-    started = time.perf_counter()
-    start_step = state.step
-    interrupted = False
-    with _StopSignal() as stop:
-        while state.step < steps:
-            losses = []
-            for micro in range(accum):
-                items = next(data)
-                inputs = make_inputs(items, data, state.step * accum + micro, config, accelerator, base, encoder)
-                sync = micro == accum - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(connector):
-                    loss = compute_loss(connector, base, inputs, accelerator)
-                    accelerator.backward(loss / accum)
-                losses.append(loss.detach())
-            step_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
-            if not math.isfinite(step_loss):
-                good = checkpoints(output)
-                where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was saved yet"
-                raise TrainingStopped(f"The loss became non-finite ({step_loss}) at step {state.step + 1}; training "
-                                      f"stopped and {where}. Lower [train] lr, or use mixed_precision = 'bf16' "
-                                      "or 'no'.")
-            grad_norm = None
-            if train_cfg["max_grad_norm"] > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(params, train_cfg["max_grad_norm"]))
-            lr = lr_at(config, state.step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.images += global_batch
-            if train_cfg["ema"]:
-                decay = min(train_cfg["ema"], (1 + state.step) / (10 + state.step))
-                with torch.no_grad():
-                    for e, p in zip(state.ema, plain.parameters()):
-                        e.mul_(decay).add_(p.detach().float(), alpha=1 - decay)
-            entry = {"step": state.step, "loss": step_loss, "lr": lr, "images": state.images,
-                     "images_per_s": (state.step - start_step) * global_batch / (time.perf_counter() - started)}
-            if grad_norm is not None:
-                entry["grad_norm"] = grad_norm
-            if train_cfg["check_sync_every"] and state.step % train_cfg["check_sync_every"] == 0:
-                entry["weight_digests"] = _check_sync(accelerator, plain)
-            if main:
-                progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{entry['images_per_s']:.2f}")
-                if state.step % train_cfg["log_every"] == 0 or state.step == steps:
-                    with open(output / "metrics.jsonl", "a", encoding="utf-8") as f:
-                        f.write(json.dumps(entry) + "\n")
-                    accelerator.log({k: v for k, v in entry.items() if isinstance(v, float | int)}, step=state.step)
-            if on_step is not None:
-                on_step(state.step, plain)
-            stop_now = _agree(accelerator, stop.requested)
-            save_now = train_cfg["save_every"] and state.step % train_cfg["save_every"] == 0
-            if save_now and state.step < steps:
-                save_connector_file(accelerator, plain, state, output / f"connector-step{state.step}.safetensors",
-                                meta(state.step), train_cfg["ema"])
-                last_saved = save_checkpoint(accelerator, output, state.step, train_cfg["keep_checkpoints"])
-            if train_cfg["sample_every"] and state.step % train_cfg["sample_every"] == 0 and state.step < steps:
-                _samples(accelerator, config, base, plain, state, prompts)
-            if stop_now:
-                if last_saved is None or not last_saved.name.endswith(f"{state.step:08d}"):
-                    last_saved = save_checkpoint(accelerator, output, state.step, train_cfg["keep_checkpoints"])
-                interrupted = True
-                log.warning("ELLA train: stopped at step %d; checkpoint %s. Continue with --resume latest.",
-                            state.step, last_saved)
-                break
-    progress.close()
-    final = None
-    if not interrupted:
-        final = output / "connector.safetensors"
-        save_connector_file(accelerator, plain, state, final, meta(state.step), train_cfg["ema"])
-        if train_cfg["save_every"] and state.step % train_cfg["save_every"] == 0:
-            save_connector_file(accelerator, plain, state, output / f"connector-step{state.step}.safetensors",
-                            meta(state.step), train_cfg["ema"])
-        if checkpoint is None or state.step != int(checkpoint.name[len(CHECKPOINT_PREFIX):]):
-            last_saved = save_checkpoint(accelerator, output, state.step, train_cfg["keep_checkpoints"])
-        if prompts is not None:
-            _samples(accelerator, config, base, plain, state, prompts)
-    accelerator.end_training()
-    return Result(state.step, interrupted, final, last_saved)
+def check_source_paths(config: Config) -> None:
+    """Every [[data.sources]] path exists (or names shards that do), checked before any model loads."""
+    from .data import DataError, shard_urls, source_kind
+
+    if not config.sources:
+        raise DataError("The config has no [[data.sources]]: add at least one with a path to your images.")
+    for source in config.sources:
+        path = Path(config.resolve(source.path))
+        if source_kind(path) != "shards" or "://" in str(path) or str(path).startswith("pipe:"):
+            continue
+        missing = [url for url in shard_urls(str(path)) if not Path(url).is_file()]
+        if missing or not shard_urls(str(path)):
+            raise DataError(f"[[data.sources]] path = {source.path!r}: "
+                            + (f"no such shard {missing[0]}" if missing else "it names no .tar shards")
+                            + ". Give existing .tar shards, a folder of them, or a folder of images.")
+
+
+def _claim_output(accelerator, output: Path, resume: str | None, overwrite: bool) -> OutputLock | None:
+    """The main process locks the output folder and checks it holds no other run; every process stops if it
+    cannot."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = OutputLock(output)
+            lock.acquire()
+            check_output(output, resume, overwrite)
+        except ELLAError as exc:
+            if lock is not None:
+                lock.release()
+            lock, error = None, exc
+    if _agree(accelerator, error is not None):
+        raise error or ConfigError(f"The main process could not use {output} (its message says why).")
+    return lock
+
+
+class _Run:
+    """One training run, set up (base, LLM or cache, connector, data) and then stepped."""
+
+    def __init__(self, config: Config, accelerator, resume: str | None, on_step):
+        self.config, self.accelerator, self.resume, self.on_step = config, accelerator, resume, on_step
+        self.output = config.output
+        self.main = accelerator.is_main_process
+        self._output_missing_reported = False
+        self.trackers_ok = True
+
+    # -- setup -------------------------------------------------------------------------------------------------
+
+    def run(self) -> Result:
+        self._load_models()
+        self._make_connector()
+        self._make_data()
+        self._start_logs()
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm(), _StopSignal() as stop:
+            try:
+                return self._finish(self._steps(stop))
+            except OSError as exc:  # the output folder cannot be written (deleted and not makeable, disk full)
+                raise self._rescue(exc) from exc
+
+    def _load_models(self) -> None:
+        from .cache import CacheReader, build_cache, cache_complete
+        from .model import load_base
+
+        config, accelerator, device = self.config, self.accelerator, self.accelerator.device
+        self.base = base = load_base(config, device, weight_dtype(config))
+        if config.train["gradient_checkpointing"]:
+            base.unet.enable_gradient_checkpointing()
+            _checkpointing_needs_train_mode(base.unet)
+        self.feature_dtype = llm_dtype(config, device)
+        dtype_name = str(self.feature_dtype).replace("torch.", "")
+        cache_dir = config.cache_dir
+        self.encoder = self.reader = None
+        if cache_dir is None or not cache_complete(cache_dir) or config.sample["prompts"]:
+            self.encoder = load_encoder(config, device)
+        if cache_dir is not None:
+            if not cache_complete(cache_dir):
+                log.info("ELLA train: making the cache %s first", cache_dir)
+                build_cache(config, cache_dir, accelerator, base, self.encoder, dtype_name)
+            self.reader = CacheReader(cache_dir, config, dtype_name)
+            self.llm_width = self.reader.empty()["features"].shape[-1]
+        else:
+            self.llm_width = self.encoder.hidden_size
+
+    def _make_connector(self) -> None:
+        from .model import connector_config, load_or_init_connector
+
+        config, accelerator = self.config, self.accelerator
+        self.peak_lr = peak_lr(config, self.base.family)
+        self.shape = connector_config(config, self.base.family, self.llm_width, self.base.context_width)
+        self.llm_name = llm_name(config)
+        if config.connector["init_from"]:
+            check_same_llm(config, f"[connector] init_from {Path(config.connector['init_from']).name}",
+                           file_llm(config.resolve(config.connector["init_from"])), self.llm_name)
+        connector = load_or_init_connector(config, self.shape).to(accelerator.device)
+        optimizer = make_optimizer(config, list(connector.parameters()), self.peak_lr)
+        ema = config.train["ema"]
+        self.state = TrainState(ema=[p.detach().float().clone() for p in connector.parameters()] if ema else [])
+        self.connector, self.optimizer = accelerator.prepare(connector, optimizer)
+        accelerator.register_for_checkpointing(self.state)
+        self.plain = accelerator.unwrap_model(self.connector)
+        self.checkpoint = None
+        if self.resume:
+            self.checkpoint = resolve_resume(self.output, self.resume)
+            check_resumable(config, self.checkpoint, self.shape, self.llm_name)
+            try:
+                accelerator.load_state(str(self.checkpoint))
+            except (RuntimeError, KeyError, ValueError) as exc:  # torch's "size mismatch", missing keys
+                raise ConfigError(f"--resume {self.checkpoint}: the checkpoint does not fit this config's connector "
+                                  f"or optimiser ({str(exc).splitlines()[0]}). Resume with the config it was saved "
+                                  "with (config.toml in the output folder), or start a new run in another "
+                                  "[train] output.") from exc
+            log.info("ELLA train: resumed from %s at step %d", self.checkpoint, self.state.step)
+
+    def _make_data(self) -> None:
+        from .sample import encode_prompts
+
+        config, accelerator = self.config, self.accelerator
+        accum = config.train["grad_accum"]
+        self.global_batch = config.train["batch_size"] * accelerator.num_processes * accum
+        self.data = make_data(config, accelerator, self.state.step * accum, self.base, self.reader)
+        self.prompts = encode_prompts(config, self.base, self.encoder) if config.sample["prompts"] else None
+        self.record = training_record(config, self.base, self.data, accelerator.num_processes, self.peak_lr,
+                                      self.llm_name)
+        if self.main:
+            for line in summary_lines(config, self.base, self.data, self.record, self.plain, self.state.step,
+                                      self.feature_dtype, self.encoder):
+                log.info("ELLA train: %s", line)
+        if self.reader is not None:
+            self.encoder = None  # the LLM is needed no more: the cache and the prompts' features are at hand
+        if self.state.step >= config.train["steps"]:
+            log.info("ELLA train: already at step %d of %d; raise [train] steps to train on.", self.state.step,
+                     config.train["steps"])
+
+    def _start_logs(self) -> None:
+        if self.main:
+            self._ensure_output()
+            write_run_config(self.config, self.output / "config.toml")
+            self.accelerator.init_trackers("ella")
+            truncate_metrics(self.output / "metrics.jsonl", self.state.step)
+
+    # -- the steps ---------------------------------------------------------------------------------------------
+
+    def _steps(self, stop) -> bool:
+        """Train to [train] steps; True when stopped early by a signal (a checkpoint was saved)."""
+        from tqdm.auto import tqdm
+
+        config, accelerator, state = self.config, self.accelerator, self.state
+        steps, accum = config.train["steps"], config.train["grad_accum"]
+        self.last_saved = None
+        progress = tqdm(total=steps, initial=state.step, disable=not self.main, desc="train", dynamic_ncols=True)
+        started, start_step = time.perf_counter(), state.step
+        params = list(self.connector.parameters())
+        try:
+            while state.step < steps:
+                step_loss = self._one_step(accum, params)
+                elapsed = time.perf_counter() - started
+                entry = {"step": state.step, "loss": step_loss, "lr": self.lr, "images": state.images,
+                         "images_per_s": (state.step - start_step) * self.global_batch / elapsed,
+                         "elapsed_s": round(elapsed, 3)}
+                if self.grad_norm is not None:
+                    entry["grad_norm"] = self.grad_norm
+                every = config.train["check_sync_every"]
+                if every and state.step % every == 0:
+                    entry["weight_digests"] = _check_sync(accelerator, self.plain)
+                if self.main:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{entry['images_per_s']:.2f}")
+                    if state.step - start_step == TIMING_STEPS and state.step < steps:
+                        self._log_timing(time.perf_counter() - started, state.step - start_step)
+                    if state.step % config.train["log_every"] == 0 or state.step == steps:
+                        self._log_metrics(entry)
+                if self.on_step is not None:
+                    self.on_step(state.step, self.plain)
+                if self._after_step(_agree(accelerator, stop.requested)):
+                    return True
+        finally:
+            progress.close()
+        return False
+
+    def _one_step(self, accum: int, params) -> float:
+        config, accelerator, state = self.config, self.accelerator, self.state
+        losses = []
+        for micro in range(accum):
+            items = next(self.data)
+            inputs = make_inputs(items, self.data, state.step * accum + micro, config, accelerator, self.base,
+                                 self.encoder)
+            sync = micro == accum - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(self.connector):
+                loss = compute_loss(self.connector, self.base, inputs, accelerator,
+                                    config.train["min_snr_gamma"])
+                accelerator.backward(loss / accum)
+            losses.append(loss.detach())
+        step_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+        if not math.isfinite(step_loss):
+            good = checkpoints(self.output)
+            where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was saved yet"
+            raise TrainingStopped(f"The loss became non-finite ({step_loss}) at step {state.step + 1}; training "
+                                  f"stopped and {where}. Lower [train] lr, or use mixed_precision = 'bf16' or 'no'.")
+        self.grad_norm = None
+        if config.train["max_grad_norm"] > 0:
+            self.grad_norm = float(accelerator.clip_grad_norm_(params, config.train["max_grad_norm"]))
+        self.lr = lr_at(config, state.step, self.peak_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.images += self.global_batch
+        if config.train["ema"]:
+            decay = min(config.train["ema"], (1 + state.step) / (10 + state.step))
+            with torch.no_grad():
+                for e, p in zip(state.ema, self.plain.parameters()):
+                    e.mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+        return step_loss
+
+    def _after_step(self, stop_now: bool) -> bool:
+        """Files every save_every steps, samples every sample_every; on a stop request, a checkpoint. True: stop."""
+        config, state = self.config, self.state
+        steps, save_every = config.train["steps"], config.train["save_every"]
+        sample_every = config.train["sample_every"]
+        if save_every and state.step % save_every == 0 and state.step < steps:
+            self._save_connector(self.output / f"connector-step{state.step}.safetensors")
+            self.last_saved = self._save_checkpoint()
+        if sample_every and state.step % sample_every == 0 and state.step < steps:
+            self._samples()
+        if not stop_now:
+            return False
+        if self.last_saved is None or not self.last_saved.name.endswith(f"{state.step:08d}"):
+            self.last_saved = self._save_checkpoint()
+        log.warning("ELLA train: stopped at step %d; checkpoint %s. Continue with --resume latest.", state.step,
+                    self.last_saved)
+        return True
+
+    def _finish(self, interrupted: bool) -> Result:
+        config, state = self.config, self.state
+        final = None
+        if not interrupted:
+            final = self.output / "connector.safetensors"
+            final = self._save_connector(final)
+            if config.train["save_every"] and state.step % config.train["save_every"] == 0:
+                self._save_connector(self.output / f"connector-step{state.step}.safetensors")
+            if self.checkpoint is None or state.step != int(self.checkpoint.name[len(CHECKPOINT_PREFIX):]):
+                self.last_saved = self._save_checkpoint()
+            if self.prompts is not None:
+                self._samples()
+        self.accelerator.end_training()
+        return Result(state.step, interrupted, final, self.last_saved)
+
+    # -- writing -----------------------------------------------------------------------------------------------
+
+    def _ensure_output(self) -> None:
+        """The output folder exists: made again (once reported) if it was deleted during the run."""
+        if self.output.is_dir():
+            return
+        self.output.mkdir(parents=True, exist_ok=True)
+        for tracker in self.accelerator.trackers:  # TensorBoard opens its event file by name at every write
+            if getattr(tracker, "logging_dir", None):
+                Path(tracker.logging_dir).mkdir(parents=True, exist_ok=True)
+        if not self._output_missing_reported and self.main and self.state.step:
+            self._output_missing_reported = True
+            log.warning("ELLA train: the output folder %s was deleted during the run; it was made again (files "
+                        "written there before are lost; the run goes on).", self.output)
+
+    def _log_metrics(self, entry: dict) -> None:
+        self._ensure_output()
+        with open(self.output / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        self._to_trackers(lambda: self.accelerator.log({k: v for k, v in entry.items() if isinstance(v, float | int)},
+                                                       step=entry["step"]))
+
+    def _to_trackers(self, write) -> None:
+        """Trackers are a view of metrics.jsonl and the sample images: when one fails (its folder deleted, wandb
+        offline), say so once and go on without them rather than stop the run."""
+        if not self.trackers_ok:
+            return
+        try:
+            write()
+        except Exception as exc:  # any tracker's own error
+            self.trackers_ok = False
+            log.warning("ELLA train: logging to the trackers failed (%s: %s); metrics.jsonl and samples/ go on, the "
+                        "trackers stop for this run.", type(exc).__name__, exc)
+
+    def _log_timing(self, seconds: float, steps_done: int) -> None:
+        per_step = seconds / steps_done
+        left = self.config.train["steps"] - self.state.step
+        log.info("ELLA train: %.2f s per step over the first %d steps: about %.1f h for the %d steps left",
+                 per_step, steps_done, per_step * left / 3600, left)
+
+    def _save_connector(self, path: Path) -> Path:
+        """Write a connector file (the EMA weights when EMA is on, in [train] save_precision)."""
+        meta = metadata(self.config, self.base.family, self.feature_dtype, self.state.step, self.base.name,
+                        self.record)
+        if self.main:
+            self._ensure_output()
+        save_connector_file(self.accelerator, self.plain, self.state, path, meta, self.config.train["ema"],
+                            SAVE_DTYPES[self.config.train["save_precision"]])
+        return path
+
+    def _rescue(self, error: OSError) -> TrainingStopped:
+        """The output folder cannot be written: the weights in memory go to a rescue file, named in the error, so
+        the run's work is not lost with it."""
+        if not self.main:
+            return TrainingStopped(f"The main process could not write {self.output} ({error}).")
+        rescue = rescue_path(self.output / "connector.safetensors")
+        meta = metadata(self.config, self.base.family, self.feature_dtype, self.state.step, self.base.name,
+                        self.record)
+        model = ema_model(self.plain, self.state.ema) if self.config.train["ema"] else self.plain
+        save_connector(model, rescue, metadata=meta, dtype=SAVE_DTYPES[self.config.train["save_precision"]])
+        return TrainingStopped(f"Could not write to the output folder {self.output} ({error}). The connector of "
+                               f"step {self.state.step} was saved to {rescue}. Make the folder writable and continue "
+                               "with --resume latest from its last checkpoint, or use that file.")
+
+    def _save_checkpoint(self) -> Path:
+        if self.main:
+            self._ensure_output()
+        info = {"llm": self.llm_name, "llm_layer": self.config.model["llm_layer"], "family": self.base.family,
+                "connector": connector_shape(self.shape), "step": self.state.step}
+        return save_checkpoint(self.accelerator, self.output, self.state.step, self.config.train["keep_checkpoints"],
+                               info)
+
+    def _samples(self) -> None:
+        from .sample import generate, save_sample
+
+        config, state, accelerator = self.config, self.state, self.accelerator
+        if self.main:
+            model = ema_model(self.plain, state.ema).to(accelerator.device) if config.train["ema"] else self.plain
+            folder = self.output / "samples"
+            self._ensure_output()
+            folder.mkdir(parents=True, exist_ok=True)
+            images = generate(config, self.base, model, self.prompts)
+            for i, (prompt, image) in enumerate(zip(self.prompts.prompts, images)):
+                save_sample(image, folder / f"step{state.step:06d}-{i}.png", config, prompt, i,
+                            f"step {state.step} of {self.output.name}")
+            self._to_trackers(lambda: log_images(accelerator, images, self.prompts.prompts, state.step))
+        accelerator.wait_for_everyone()
+
+
+TIMING_STEPS = 3  # steps timed before the first estimate of the run's duration is logged
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def rescue_path(path: Path) -> Path:
+    """Where a connector goes when its folder cannot be written: the working folder, else the temp folder."""
+    import tempfile
+
+    name = f"ella-rescued-{time.strftime('%Y%m%d-%H%M%S')}-{path.name}"
+    for folder in (Path.cwd(), Path(tempfile.gettempdir())):
+        if os.access(folder, os.W_OK):
+            return folder / name
+    return Path(tempfile.gettempdir()) / name
+
+
+def log_images(accelerator, images: list, prompts: list[str], step: int) -> None:
+    """Sample images to the trackers: TensorBoard's Images tab (as samples/N, N = the prompt's place in [sample]
+    prompts), wandb (captioned by the prompt)."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for i, image in enumerate(images):
+                tracker.log_images({f"samples/{i}": np.asarray(image)[None]}, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"samples": [wandb.Image(image, caption=prompt) for image, prompt in zip(images, prompts)]},
+                        step=step)
 
 
 def _checkpointing_needs_train_mode(unet) -> None:
@@ -299,21 +572,3 @@ def _check_sync(accelerator, model) -> list[str]:
     if len(set(everyone)) != 1:
         raise TrainingStopped(f"The processes hold different weights ({digests}); the distributed setup is broken.")
     return digests
-
-
-def _prompt_conditions(config: Config, base, encoder):
-    from .sample import encode_prompts
-
-    return encode_prompts(config, base, encoder)
-
-
-def _samples(accelerator, config: Config, base, plain: Connector, state: TrainState, prompts) -> None:
-    from .sample import generate
-
-    if accelerator.is_main_process:
-        model = ema_model(plain, state.ema).to(accelerator.device) if config.train["ema"] else plain
-        folder = config.output / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(generate(config, base, model, prompts)):
-            image.save(folder / f"step{state.step:06d}-{i}.png")
-    accelerator.wait_for_everyone()

@@ -43,6 +43,7 @@ class Base:
     name: str
     clip_g: Any = None  # SDXL: CLIPTextModelWithProjection (pooled text embedding)
     clip_g_tokenizer: Any = None
+    vae_name: str = "the base's VAE"
 
     @property
     def context_width(self) -> int:
@@ -65,18 +66,27 @@ class Base:
             module.requires_grad_(False)
             module.eval()
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> Base:
+    def to(self, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> Base:
+        """Every frozen model on ``device`` in ``dtype``; the VAE in ``vae_dtype`` when given."""
         for module in self.modules():
-            module.to(device=device, dtype=dtype)
+            module.to(device=device, dtype=vae_dtype if module is self.vae and vae_dtype is not None else dtype)
         return self
 
     # -- encoding ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The VAE's latent mean (unscaled; deterministic, so cached and on-the-fly latents agree)."""
+        """The VAE's latent mean (unscaled; deterministic, so cached and on-the-fly latents agree). Non-finite
+        latents (a VAE that overflows in its dtype) stop the run: they would poison every step after."""
         vae = self.vae
-        return vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+        latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+        if not torch.isfinite(latents).all():
+            raise BaseModelError(
+                f"The VAE ({self.vae_name}, {str(vae.dtype).replace('torch.', '')}) turned an image into non-finite "
+                "latents. SDXL's own VAE overflows in float16: set [model] vae_dtype = 'float32' (what 'auto' does "
+                "for SDXL's VAE under fp16), or [model] vae to a VAE made for float16 (for SDXL: "
+                "madebyollin/sdxl-vae-fp16-fix).")
+        return latents
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
@@ -119,8 +129,20 @@ def _quiet_diffusers() -> None:
     diffusers.utils.logging.set_verbosity_error()
 
 
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
 def is_single_file(base: str) -> bool:
     return Path(base).suffix == ".safetensors"
+
+
+def refuse_pickle(path: str, key: str) -> None:
+    """Only safetensors files are read: a pickled checkpoint can run code when it is loaded."""
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        raise BaseModelError(
+            f"{key} = {path!r} is a pickled checkpoint ({Path(path).suffix}); only .safetensors single files are "
+            "read, because loading a pickle can run any code it holds. Use the model's .safetensors release, or "
+            "convert the file once with a tool you trust, then point the key at the .safetensors file.")
 
 
 def _single_file_family(keys: set[str], path: str) -> str:
@@ -226,6 +248,7 @@ def load_base(config: Config, device: torch.device, dtype: torch.dtype) -> Base:
     """The frozen base in ``dtype`` on ``device`` (eval mode, no gradients)."""
     _quiet_diffusers()
     base = config.resolve(config.model["base"])
+    refuse_pickle(base, "[model] base")
     loader = _load_single_file if is_single_file(base) else _load_folder
     family, unet, vae, scheduler, clip_g, tokenizer = loader(base, config)
     if unet.config.cross_attention_dim is None or isinstance(unet.config.cross_attention_dim, (list, tuple)):
@@ -238,12 +261,66 @@ def load_base(config: Config, device: torch.device, dtype: torch.dtype) -> Base:
         raise ConfigError(f"The base's scheduler predicts {prediction!r}; set [model] prediction to 'epsilon' or "
                           "'v_prediction'.")
     name = Path(base).name if Path(base).exists() else base
-    result = Base(family, unet, vae, scheduler, prediction, name, clip_g, tokenizer)
+    vae_name = "the base's VAE"
+    if config.model["vae"]:
+        vae, vae_name = load_vae(config, family, base), _short_name(config.resolve(config.model["vae"]))
+    result = Base(family, unet, vae, scheduler, prediction, name, clip_g, tokenizer, vae_name)
     result.freeze()
-    result.to(device, dtype)
-    log.info("ELLA train: base %s (%s, %s-prediction), context width %d", name, family, prediction,
-             result.context_width)
+    vae_dtype = vae_dtype_for(config, family, dtype)
+    result.to(device, dtype, vae_dtype)
+    log.info("ELLA train: base %s (%s, %s-prediction), context width %d; VAE: %s in %s", name, family, prediction,
+             result.context_width, vae_name, str(vae_dtype).replace("torch.", ""))
     return result
+
+
+def _short_name(path_or_id: str) -> str:
+    return Path(path_or_id).name if Path(path_or_id).exists() else path_or_id
+
+
+def vae_dtype_for(config: Config, family: str, dtype: torch.dtype) -> torch.dtype:
+    """[model] vae_dtype; "auto" keeps SDXL's own VAE in float32 when the frozen models run in float16 (it overflows
+    there, as diffusers' and kohya's SDXL trainers know: they keep it in fp32 / offer --no_half_vae), and otherwise
+    follows the frozen models. A VAE given by [model] vae (e.g. an fp16-fixed one) follows the frozen models."""
+    name = config.model["vae_dtype"]
+    if name != "auto":
+        return getattr(torch, name)
+    if family == "sdxl" and dtype == torch.float16 and not config.model["vae"]:
+        return torch.float32
+    return dtype
+
+
+def load_vae(config: Config, family: str, base: str):
+    """[model] vae: a diffusers AutoencoderKL folder (or a pipeline folder with vae/), a hub id, or a single-file
+    .safetensors VAE (A1111's layout; shaped by the base's VAE config)."""
+    from diffusers import AutoencoderKL
+
+    path = config.resolve(config.model["vae"])
+    refuse_pickle(path, "[model] vae")
+    try:
+        if is_single_file(path):
+            if not Path(path).is_file():
+                raise BaseModelError(f"[model] vae = {path!r}: no such file.")
+            folder = _config_folder(config, family, base)
+            return AutoencoderKL.from_single_file(path, config=folder, subfolder="vae", local_files_only=True)
+        if Path(path).is_dir() and not (Path(path) / "config.json").is_file() and (Path(path) / "vae").is_dir():
+            return AutoencoderKL.from_pretrained(path, subfolder="vae")
+        return AutoencoderKL.from_pretrained(path)
+    except BaseModelError:
+        raise
+    except Exception as exc:  # diffusers and the hub raise many types
+        raise BaseModelError(f"[model] vae = {path!r} could not be loaded as a VAE ({exc}). Give a diffusers VAE "
+                             "folder (config.json and weights), a pipeline folder with vae/, a hub id, or a "
+                             ".safetensors VAE file.") from exc
+
+
+def _config_folder(config: Config, family: str, base: str) -> str:
+    """The diffusers configs that shape single files: [model] base_config, a diffusers base folder, or the carried
+    ones."""
+    if config.model["base_config"]:
+        return config.resolve(config.model["base_config"])
+    if not is_single_file(base) and Path(base).is_dir():
+        return base
+    return str(CONFIGS / family)
 
 
 # -- the connector ------------------------------------------------------------------------------------------------
@@ -258,31 +335,36 @@ def connector_config(config: Config, family: str, llm_width: int, context_width:
     if section["init_from"]:
         path = config.resolve(section["init_from"])
         shape = read_config(path)
+        name = Path(path).name
         given = {"width": shape.width, "layers": shape.layers, "heads": shape.heads, "latents": shape.num_latents,
                  "out_width": shape.out_width, "time_channels": shape.time_channels}
-        for key, value in given.items():
-            if section[key] is not None and section[key] != value:
-                raise ConfigError(f"[connector] {key} = {section[key]} disagrees with init_from {Path(path).name}, "
-                                  f"whose {key} is {value}; remove the key or make it {value}.")
+        set_keys = [key for key in given if section[key] is not None and section[key] != given[key]]
+        if set_keys:
+            listed = ", ".join(f"{key} = {section[key]} (the file: {given[key]})" for key in set_keys)
+            raise ConfigError(f"[connector] {listed} disagree{'s' if len(set_keys) == 1 else ''} with init_from "
+                              f"{name}, whose shape is fixed by its weights: remove the key"
+                              f"{'s' if len(set_keys) > 1 else ''} from [connector].")
+        if shape.out_width != context_width:
+            raise ConfigError(f"[connector] init_from {name} gives {shape.out_width}-wide tokens but this base's UNet "
+                              f"takes a {context_width}-wide context: it was made for another model family. Start "
+                              "from a connector made for this base, or remove init_from to train a new one.")
         if shape.in_width != llm_width:
-            raise ConfigError(f"[connector] init_from {Path(path).name} reads {shape.in_width}-wide LLM features but "
+            raise ConfigError(f"[connector] init_from {name} reads {shape.in_width}-wide LLM features but "
                               f"[model] llm gives {llm_width}; use the LLM the connector was trained with.")
-        result = shape
-    else:
-        defaults = FAMILY_DEFAULTS[family]
-        value = {k: section[k] if section[k] is not None else defaults[k] for k in defaults}
-        width = value["width"]
-        if width % value["heads"]:
-            raise ConfigError(f"[connector] width = {width} cannot be split into heads = {value['heads']}; pick a "
-                              "head count that divides the width.")
-        out = section["out_width"] or context_width
-        result = ConnectorConfig(time_channels=value["time_channels"], time_embed_dim=width, width=width,
-                                 layers=value["layers"], heads=value["heads"], num_latents=value["latents"],
-                                 input_dim=llm_width, output_dim=None if out == width else out)
-    if result.out_width != context_width:
-        raise ConfigError(f"The connector gives {result.out_width}-wide tokens but the UNet's context is "
-                          f"{context_width} wide; set [connector] out_width = {context_width} (or leave it unset).")
-    return result
+        return shape
+    defaults = FAMILY_DEFAULTS[family]
+    value = {k: section[k] if section[k] is not None else defaults[k] for k in defaults}
+    width = value["width"]
+    if width % value["heads"]:
+        raise ConfigError(f"[connector] width = {width} cannot be split into heads = {value['heads']}; pick a "
+                          "head count that divides the width.")
+    out = section["out_width"] or context_width
+    if out != context_width:
+        raise ConfigError(f"[connector] out_width = {out} but the UNet's context is {context_width} wide; remove the "
+                          "key (it defaults to the UNet's width).")
+    return ConnectorConfig(time_channels=value["time_channels"], time_embed_dim=width, width=width,
+                           layers=value["layers"], heads=value["heads"], num_latents=value["latents"],
+                           input_dim=llm_width, output_dim=None if out == width else out)
 
 
 def init_connector(shape: ConnectorConfig, seed: int) -> Connector:

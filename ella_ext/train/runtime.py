@@ -3,12 +3,16 @@ models' and the LLM's dtypes, the LLM encoder, the token length."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 
 import torch
 
 from ..errors import ELLAError
-from .config import Config, ConfigError
+from .config import FAMILY_LR, Config, ConfigError
+
+log = logging.getLogger("ella")
 
 
 def launched_distributed() -> bool:
@@ -16,10 +20,11 @@ def launched_distributed() -> bool:
 
 
 def make_accelerator(config: Config | None, trackers: bool = False):
-    """An Accelerator that really joins a distributed launch, GPUs or not.
+    """An Accelerator that really joins a distributed launch, GPUs or not; only the main process logs below errors.
 
     Under torchrun on a machine without CUDA, a default ``Accelerator()`` does not initialise the process group and
-    every process trains alone: pass ``cpu=True`` there, which makes accelerate join the processes over gloo."""
+    every process trains alone: pass ``cpu=True`` there, which makes accelerate join the processes over gloo.
+    ``trackers``: log to [train] trackers (TensorBoard in ``output/logs``, wandb)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -28,8 +33,11 @@ def make_accelerator(config: Config | None, trackers: bool = False):
     if mixed == "fp16" and not torch.cuda.is_available():
         raise ConfigError("[train] mixed_precision = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on this machine.")
     kwargs = {}
-    if trackers and config is not None:
-        kwargs["log_with"] = "tensorboard"
+    if trackers and config is not None and config.train["trackers"]:
+        if "wandb" in config.train["trackers"] and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("[train] trackers names 'wandb', which is not installed: pip install wandb (and "
+                              "wandb login), or remove it from the list.")
+        kwargs["log_with"] = list(config.train["trackers"])
         kwargs["project_config"] = ProjectConfiguration(project_dir=str(config.output),
                                                         logging_dir=str(config.output / "logs"))
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, **kwargs)
@@ -37,7 +45,25 @@ def make_accelerator(config: Config | None, trackers: bool = False):
     if accelerator.num_processes != expected:
         raise ELLAError(f"The launcher started {expected} processes but accelerate joined {accelerator.num_processes}"
                         "; they would train apart. Launch with torchrun or `accelerate launch --multi_gpu`.")
+    if not accelerator.is_main_process:  # one copy of every line per run, not one per process
+        logging.getLogger("ella").setLevel(logging.ERROR)
     return accelerator
+
+
+def set_threads(config: Config, processes_here: int, device: torch.device) -> str:
+    """CPU threads for this process: on a CPU the data loader workers and torch's own threads must not ask for more
+    cores than there are (OpenMP threads then wait on each other: on a busy 2-core machine one process trained at
+    0.8 images/s with torch's default threads and 5 images/s with one). An OMP_NUM_THREADS the user set wins.
+    Returns a line for the log."""
+    workers = config.train["workers"]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if os.environ.get("OMP_NUM_THREADS"):
+        return (f"{torch.get_num_threads()} CPU thread(s) per process (OMP_NUM_THREADS), {workers} data loader "
+                f"worker(s) per process, {cores} core(s)")
+    threads = max(1, cores // max(1, processes_here) - (workers if device.type == "cpu" else 0))
+    torch.set_num_threads(threads)
+    return (f"{threads} CPU thread(s) per process, {workers} data loader worker(s) (one thread each) per process, "
+            f"{processes_here} process(es) on {cores} core(s); set OMP_NUM_THREADS to choose")
 
 
 def weight_dtype(config: Config) -> torch.dtype:
@@ -52,12 +78,29 @@ def llm_dtype(config: Config, device: torch.device) -> torch.dtype:
 
 
 def load_encoder(config: Config, device: torch.device):
+    """The LLM at [model] llm_layer, refused at once when the layer does not exist (not at the first step)."""
     from ..text_encoders import EncodingCache, load_text_encoder
 
     # No cross-step cache: a text's features must not depend on which batch first encoded it (exact resume).
-    return load_text_encoder(config.resolve(config.model["llm"]), device, llm_dtype(config, device),
-                             layer=config.model["llm_layer"], cache=EncodingCache(max_entries=0))
+    layer = config.model["llm_layer"]
+    encoder = load_text_encoder(config.resolve(config.model["llm"]), device, llm_dtype(config, device),
+                                layer=layer, cache=EncodingCache(max_entries=0))
+    if encoder.layer is None:
+        if layer != -1:
+            log.warning("ELLA train: [model] llm_layer = %d is ignored: %s is an encoder (T5 family), whose last "
+                        "hidden state is used.", layer, config.model["llm"])
+        return encoder
+    layers = int(getattr(encoder.model.config, "num_hidden_layers", 0) or 0)
+    if layers and not -(layers + 1) <= layer <= layers:
+        raise ConfigError(f"[model] llm_layer = {layer} is not a layer of {config.model['llm']}, which has {layers} "
+                          f"layers: use -1 (the last) down to {-(layers + 1)} (the embeddings), or 0 to {layers}.")
+    return encoder
 
 
 def token_max_length(config: Config) -> int | None:
     return config.model["max_length"] if config.model["token_length"] == "fixed" else None
+
+
+def peak_lr(config: Config, family: str) -> float:
+    """[train] lr, or the paper's for the base's family when unset."""
+    return config.train["lr"] if config.train["lr"] is not None else FAMILY_LR[family]

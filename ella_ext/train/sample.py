@@ -3,12 +3,16 @@ reference's negative), the TSC evaluated at every step with that step's timestep
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..connector import Connector
 from .config import Config
+
+log = logging.getLogger("ella")
 
 
 @dataclass
@@ -68,7 +72,45 @@ def generate(config: Config, base, connector: Connector, conditions: PromptCondi
             out_uncond, out_cond = out.float().chunk(2)
             guided = out_uncond + sample["cfg"] * (out_cond - out_uncond)
             latents = scheduler.step(guided, t, latents).prev_sample
-        pixels = base.decode_latents(latents)[0].clamp(-1, 1)
+        pixels = base.decode_latents(latents)[0]
+        if not torch.isfinite(pixels).all():
+            log.warning("ELLA train: the sample for %r has non-finite pixels (shown black): the VAE overflowed in "
+                        "%s; set [model] vae_dtype = 'float32' or an fp16-fixed [model] vae.",
+                        conditions.prompts[index], str(base.vae.dtype).replace("torch.", ""))
+            pixels = torch.nan_to_num(pixels, nan=-1.0, posinf=1.0, neginf=-1.0)
+        pixels = pixels.clamp(-1, 1)
         array = ((pixels + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         images.append(Image.fromarray(array))
     return images
+
+
+def sample_parameters(config: Config, prompt: str, index: int, connector: str) -> str:
+    """The image's parameters in the WebUI's own PNG text format (PNG Info reads them): the prompt, then the
+    settings line."""
+    sample = config.sample
+    side = sample["resolution"] or config.data["resolution"]
+    settings = {"Steps": sample["steps"], "Sampler": "DDIM", "CFG scale": sample["cfg"],
+                "Seed": sample["seed"] + index, "Size": f"{side}x{side}", "Model": Path(config.model["base"]).name,
+                "ELLA connector": connector, "ELLA LLM": Path(config.model["llm"]).name,
+                "ELLA negative": "the empty text"}
+    return prompt + "\nSteps: " + ", ".join(f"{k}: {v}" for k, v in settings.items())[len("Steps: "):]
+
+
+def save_sample(image, path: Path, config: Config, prompt: str, index: int, connector: str) -> Path:
+    """Write a sample as PNG with its prompt and settings in the ``parameters`` text chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", sample_parameters(config, prompt, index, connector))
+    image.save(path, pnginfo=info)
+    return path
+
+
+def free_path(folder: Path, stem: str, suffix: str = ".png") -> Path:
+    """``folder/stem.png``, or ``stem-2.png``, ``stem-3.png``... when taken: an earlier image is never replaced."""
+    path = folder / f"{stem}{suffix}"
+    number = 2
+    while path.exists():
+        path = folder / f"{stem}-{number}{suffix}"
+        number += 1
+    return path

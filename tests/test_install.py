@@ -66,3 +66,13 @@ def test_never_touches_the_hosts_stack(monkeypatch):
     calls = run_install(monkeypatch, set())
     for package in ("torch", "transformers", "gradio", "safetensors", "--upgrade", "-U"):
         assert not any(package in c.split() for c in calls)
+
+
+def test_the_package_version_is_pyprojects():
+    import re
+    from pathlib import Path
+
+    import ella_ext
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1) == ella_ext.__version__

@@ -247,6 +247,17 @@ def _fill_failed(items: list[dict], data: Data) -> list[dict]:
     return [good if item.get("pixels", 0) is None else item for item in items]
 
 
+def sample_noise(shape: torch.Size, generator: torch.Generator, offset: float) -> torch.Tensor:
+    """One sample's noise; with [train] noise_offset, plus ``offset`` times one normal draw per channel (offset
+    noise: Guttenberg, "Diffusion with offset noise", 2023), which lets a model learn images brighter or darker
+    overall than zero-mean noise allows. Drawn after the plain noise from the same generator: the same seed gives
+    the same plain noise with or without it."""
+    noise = torch.randn(shape, generator=generator)
+    if offset:
+        noise = noise + offset * torch.randn(shape[0], 1, 1, generator=generator)
+    return noise
+
+
 def make_inputs(items: list[dict], data: Data, micro: int, config: Config, accelerator, base, encoder) -> Inputs:
     device = accelerator.device
     rank, batch = accelerator.process_index, len(items)
@@ -274,7 +285,8 @@ def make_inputs(items: list[dict], data: Data, micro: int, config: Config, accel
         features, mask = encoder.encode(captions, max_length)
         pooled = base.pooled(captions)
     latents = base.scale_latents(latents).to(device)
-    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(device)
+    noise = torch.stack([sample_noise(latents.shape[1:], g, config.train["noise_offset"])
+                         for g in generators]).to(device)
     time_ids = None
     if base.family == "sdxl":
         time_ids = torch.tensor([[r.size[1], r.size[0], i["crop"][0], i["crop"][1], b[1], b[0]]

@@ -597,3 +597,17 @@ def test_estimate_works_on_sdxl_and_names_a_missing_base(tmp_path, sdxl_base, im
                           images=images8, output=tmp_path / "f", train={"steps": 10})
     assert main(["estimate", "--config", str(folder), "--no-measure"]) == 2
     assert "is not a diffusers pipeline" in capsys.readouterr().err
+
+
+def test_noise_offset_adds_one_draw_per_channel_to_the_same_noise():
+    from ella_ext.train.feed import sample_noise
+
+    shape = torch.Size([4, 8, 8])
+    plain = sample_noise(shape, torch.Generator().manual_seed(1), 0.0)
+    offset = sample_noise(shape, torch.Generator().manual_seed(1), 0.1)
+    shift = offset - plain
+    assert torch.equal(plain, torch.randn(shape, generator=torch.Generator().manual_seed(1)))
+    per_channel = shift[:, :1, :1]
+    assert torch.allclose(shift, per_channel.expand(shape)), "one constant per channel"
+    assert 0 < per_channel.abs().max() < 0.5 and len(set(per_channel.flatten().tolist())) == 4
+

@@ -110,6 +110,11 @@ def _cache(config, force: bool) -> int:
         from .config import ConfigError
 
         raise ConfigError("[train] cache is empty: set it to the folder the cache goes in.")
+    from .data import preflight
+    from .loop import check_source_paths
+
+    check_source_paths(config)  # before any model loads
+    preflight(config)
     accelerator = make_accelerator(config)
     if force and accelerator.is_main_process and folder.exists():
         shutil.rmtree(folder)

@@ -46,6 +46,7 @@ from .checkpoints import (
     truncate_metrics,
 )
 from .config import Config, ConfigError, write_run_config
+from .data import preflight
 from .feed import Inputs, make_data, make_inputs
 from .runtime import llm_dtype, load_encoder, make_accelerator, peak_lr, set_threads, weight_dtype
 from .summary import summary_lines, training_record
@@ -170,6 +171,7 @@ def train(config: Config, resume: str | None = None, on_step: Callable[[int, Con
     accelerator = make_accelerator(config, trackers=True)
     threads = set_threads(config, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), accelerator.device)
     check_source_paths(config)
+    preflight(config)
     lock = _claim_output(accelerator, config.output, resume, overwrite)
     try:
         log.info("ELLA train: %s", threads)
@@ -244,21 +246,23 @@ class _Run:
         from .model import load_base
 
         config, accelerator, device = self.config, self.accelerator, self.accelerator.device
-        self.base = base = load_base(config, device, weight_dtype(config))
-        if config.train["gradient_checkpointing"]:
-            base.unet.enable_gradient_checkpointing()
-            _checkpointing_needs_train_mode(base.unet)
         self.feature_dtype = llm_dtype(config, device)
         dtype_name = str(self.feature_dtype).replace("torch.", "")
         cache_dir = config.cache_dir
         self.encoder = self.reader = None
-        if cache_dir is None or not cache_complete(cache_dir) or config.sample["prompts"]:
+        if cache_dir is not None and cache_complete(cache_dir):  # a stale cache is refused before the models load
+            self.reader = CacheReader(cache_dir, config, dtype_name)
+        self.base = base = load_base(config, device, weight_dtype(config))
+        if config.train["gradient_checkpointing"]:
+            base.unet.enable_gradient_checkpointing()
+            _checkpointing_needs_train_mode(base.unet)
+        if self.reader is None or config.sample["prompts"]:
             self.encoder = load_encoder(config, device)
         if cache_dir is not None:
-            if not cache_complete(cache_dir):
+            if self.reader is None:
                 log.info("ELLA train: making the cache %s first", cache_dir)
                 build_cache(config, cache_dir, accelerator, base, self.encoder, dtype_name)
-            self.reader = CacheReader(cache_dir, config, dtype_name)
+                self.reader = CacheReader(cache_dir, config, dtype_name)
             self.llm_width = self.reader.empty()["features"].shape[-1]
         else:
             self.llm_width = self.encoder.hidden_size

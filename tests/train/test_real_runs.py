@@ -611,3 +611,30 @@ def test_noise_offset_adds_one_draw_per_channel_to_the_same_noise():
     assert torch.allclose(shift, per_channel.expand(shape)), "one constant per channel"
     assert 0 < per_channel.abs().max() < 0.5 and len(set(per_channel.flatten().tolist())) == 4
 
+
+
+def test_empty_captions_error_and_a_stale_cache_are_refused_before_any_model_loads(tmp_path, sd15_base, tiny_t5_dir,
+                                                                                   no_models, monkeypatch):
+    from ella_ext.train.cache import CacheError
+    from ella_ext.train.data import DataError
+
+    from .conftest import make_caption_folder
+
+    images = make_caption_folder(tmp_path / "images", count=4)
+    (images / "img01.txt").write_text("  \n")
+    path = write_config(tmp_path / "run.toml", base=sd15_base, llm=tiny_t5_dir, images=images,
+                        output=tmp_path / "out", data={"empty_captions": "error"},
+                        train={"steps": 1, "cache": str(tmp_path / "cache")})
+    with pytest.raises(DataError, match="img01.txt"):
+        train(load_config(path))
+    assert main(["cache", "--config", str(path)]) == 2
+    # a complete cache whose data changed since: refused before the models load too
+    monkeypatch.undo()
+    (images / "img01.txt").write_text("a caption")
+    assert main(["cache", "--config", str(path)]) == 0
+    (images / "img02.txt").write_text("an edited caption")
+    import ella_ext.train.model as model
+
+    monkeypatch.setattr(model, "load_base", lambda *a, **k: pytest.fail("the base loaded before the refusal"))
+    with pytest.raises(CacheError, match="img02"):
+        train(load_config(path))

@@ -331,7 +331,8 @@ def run_config_text(config: Config) -> str:
     """The config as the run used it, as TOML: every key with its default filled in and --set applied, paths made
     absolute. ``load_config`` reads it back to the same values."""
     lines = ["# The config this run used: defaults filled in, --set overrides applied, paths made absolute.",
-             "# Written by python -m ella_ext.train; `train --config` on this file repeats the run."]
+             "# Written by python -m ella_ext.train. To repeat the run: train --config this file, with another",
+             "# [train] output (--set train.output=...)."]
     for name in SECTIONS:
         lines += ["", f"[{name}]"]
         for key, value in getattr(config, name).items():

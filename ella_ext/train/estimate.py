@@ -15,9 +15,7 @@ from ..errors import TextEncoderError
 from .config import Config
 from .data import Skipped, iter_shard, list_sources, make_buckets, pick_bucket
 from .model import BaseModelError, refuse_pickle
-from .summary import weights_memory
-
-GIB = 2**30
+from .summary import duration_text, size_text, weights_memory
 
 
 def _param_count(module) -> int:
@@ -191,11 +189,11 @@ def _measure(config: Config, steps: int) -> dict:
 def format_report(report: dict, config: Config) -> str:
     lines = [
         f"images: {report['images']}" + (f" (skipped: {report['skipped']})" if report["skipped"] else ""),
-        f"cache on disk: {report['cache_bytes'] / GIB:.3f} GiB (latents in the frozen models' dtype, LLM features "
+        f"cache on disk: {size_text(report['cache_bytes'])} (latents in the VAE's dtype, LLM features "
         f"{'padded to max_length' if config.model['token_length'] == 'fixed' else 'real tokens only'})",
         f"TSC: {report['tsc_parameters'] / 1e6:.1f} M parameters",
         "frozen: " + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in report["frozen_parameters"].items()),
-        f"memory per device, weights + gradients + optimiser: {report['memory_weights_bytes'] / GIB:.2f} GiB "
+        f"memory per device, weights + gradients + optimiser: {size_text(report['memory_weights_bytes'])} "
         "(activations come on top)",
     ]
     if "seconds_per_step" in report:
@@ -203,7 +201,7 @@ def format_report(report: dict, config: Config) -> str:
         per_step = report["seconds_per_step"] * accum
         lines.append(f"time per optimiser step on {report['device']}: {per_step:.3f} s (measured over "
                      f"{report['measured_steps']} micro-batches of {config.train['batch_size']}); "
-                     f"{config.train['steps']} steps: {per_step * config.train['steps'] / 3600:.2f} h per process")
+                     f"{config.train['steps']} steps: {duration_text(per_step * config.train['steps'])} per process")
     if "peak_memory_bytes" in report:
-        lines.append(f"peak CUDA memory measured: {report['peak_memory_bytes'] / GIB:.2f} GiB")
+        lines.append(f"peak CUDA memory measured: {size_text(report['peak_memory_bytes'])}")
     return "\n".join(lines)

@@ -49,7 +49,7 @@ from .config import Config, ConfigError, write_run_config
 from .data import preflight
 from .feed import Inputs, make_data, make_inputs
 from .runtime import llm_dtype, load_encoder, make_accelerator, peak_lr, set_threads, weight_dtype
-from .summary import summary_lines, training_record
+from .summary import duration_text, summary_lines, training_record
 
 log = logging.getLogger("ella")
 
@@ -469,8 +469,8 @@ class _Run:
     def _log_timing(self, seconds: float, steps_done: int) -> None:
         per_step = seconds / steps_done
         left = self.config.train["steps"] - self.state.step
-        log.info("ELLA train: %.2f s per step over the first %d steps: about %.1f h for the %d steps left",
-                 per_step, steps_done, per_step * left / 3600, left)
+        log.info("ELLA train: %.2f s per step over the first %d steps: about %s for the %d steps left", per_step,
+                 steps_done, duration_text(per_step * left), left)
 
     def _save_connector(self, path: Path) -> Path:
         """Write a connector file (the EMA weights when EMA is on, in [train] save_precision)."""

@@ -15,6 +15,18 @@ GIB = 2**30
 SHOWN_BUCKETS = 8
 
 
+def size_text(n_bytes: float) -> str:
+    """``1.23 GiB``, or MiB below a GiB."""
+    return f"{n_bytes / GIB:.2f} GiB" if n_bytes >= GIB else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def duration_text(seconds: float) -> str:
+    """``3.4 h``, ``12 min`` or ``40 s``."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
 def _dtype(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -107,7 +119,7 @@ def summary_lines(config: Config, base, data, record: dict, connector, done: int
                  + f"; trained: the connector, {tsc / 1e6:.1f} M parameters")
     memory = weights_memory(config, sum(v for k, v in frozen.items() if k != "LLM"), llm, tsc,
                             torch.empty((), dtype=feature_dtype).element_size())
-    lines.append(f"memory per device for weights, gradients and optimiser: {memory / GIB:.2f} GiB (activations come "
+    lines.append(f"memory per device for weights, gradients and optimiser: {size_text(memory)} (activations come "
                  "on top; `estimate` measures a step's peak on a GPU)")
     loss = "MSE" + (f", Min-SNR gamma {train['min_snr_gamma']}" if train["min_snr_gamma"] else "")
     offset = f", noise offset {train['noise_offset']}" if train["noise_offset"] else ""

@@ -237,6 +237,9 @@ def check_folder(models_dir: Path, device_name: str, dtype_name: str | None, out
             encoder, _, problems = check_encoder(llm.path, device, dtype, out)
         except ELLAError as err:
             verdicts[name] = f"BAD: {err}"
+            for connector, (found, _) in pairs.items():  # its connectors run alone, and say why
+                if found is llm:
+                    pairs[connector] = (None, f"its LLM {llm.name} could not be loaded (see that line)")
             continue
         verdicts[name] = "OK" if not problems else f"BAD: {problems} encodings had non-finite values"
         # its connectors, each with the LLM in the precision its features had in training (without --dtype, on CUDA;

@@ -163,23 +163,24 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
+    names, offset = sorted(tensors), 0
+    for name in names:
+        tensor = tensors[name]
         if tensor.dtype not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{name}: dtype {tensor.dtype} is not written here")
-        blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        size = tensor.numel() * tensor.element_size()
         header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
+                        "data_offsets": [offset, offset + size]}
+        offset += size
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     with open(path, "wb") as f:
         f.write(len(text).to_bytes(8, "little"))
         f.write(text)
-        for blob in blobs:
-            f.write(blob)
+        for name in names:  # one tensor's bytes at a time: no second copy of the whole file in memory
+            tensor = tensors[name].detach().cpu().contiguous()
+            if tensor.numel():
+                f.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def save_connector(model: Connector, path: str | Path, metadata: dict[str, str] | None = None,
@@ -241,10 +242,13 @@ class TrainingFacts:
     def llm_dtype(self, device: torch.device | str) -> torch.dtype:
         """The LLM's precision when the user leaves it to the extension ("auto"): on CUDA the dtype the connector's
         features had in training (fp16 when the file does not say, as for the official connector), because fp16 and
-        bf16 features give visibly different images; fp32 on the CPU and elsewhere (no fast half precision there)."""
+        bf16 features give visibly different images; fp32 on the CPU and elsewhere (no fast half precision there). A
+        connector trained on fp32 features (a CPU run) gets fp16 on CUDA: fp32 would double the LLM's memory for a
+        difference far smaller than fp16's and bf16's."""
         if torch.device(device).type != "cuda":
             return torch.float32
-        return FEATURE_DTYPES.get(self.feature_dtype or "", torch.float16)
+        trained = FEATURE_DTYPES.get(self.feature_dtype or "", torch.float16)
+        return torch.float16 if trained == torch.float32 else trained
 
     def describe_tokens(self) -> str:
         """How it read tokens, for messages: ``fixed 128``, ``flexible`` (or ``flexible, up to 256``); "" unknown."""

@@ -44,6 +44,13 @@ def test_a_file_that_says_nothing_gives_the_official_connectors_behaviour(tmp_pa
     assert facts.llm_dtype("mps") == torch.float32
 
 
+def test_a_connector_trained_on_fp32_features_gets_fp16_on_cuda():
+    """A CPU-trained connector (fp32 features) would double the LLM's memory on a GPU for a difference far below
+    fp16's: "auto" caps it at fp16 there."""
+    facts = cf.TrainingFacts(feature_dtype="float32")
+    assert facts.llm_dtype("cuda") == torch.float16 and facts.llm_dtype("cpu") == torch.float32
+
+
 @pytest.mark.parametrize(("key", "value", "said"), [
     (cf.META_LLM_LAYER, "second to last", "is not a whole number"),
     (cf.META_LLM_LAYER, "", "is not a whole number"),

@@ -341,22 +341,32 @@ class CacheReader:
     def empty(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        return load_file(str(self.folder / "empty.safetensors"))
+        try:
+            return load_file(str(self.folder / "empty.safetensors"))
+        except Exception as exc:  # missing, or safetensors' own error types
+            raise self._broken("empty.safetensors", exc) from exc
 
     def load(self, item: CachedItem) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
-        handle = self._handles.get(item.file)
-        if handle is None:
-            if len(self._handles) > 16:
-                self._handles.clear()
-            handle = self._handles[item.file] = safe_open(str(self.folder / item.file), framework="pt")
-        out = {}
-        for name in ("latent", "features", "pooled"):
-            key = f"{item.entry}.{name}"
-            if key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
-                out[name] = handle.get_tensor(key)
+        try:
+            handle = self._handles.get(item.file)
+            if handle is None:
+                if len(self._handles) > 16:
+                    self._handles.clear()
+                handle = self._handles[item.file] = safe_open(str(self.folder / item.file), framework="pt")
+            out = {}
+            for name in ("latent", "features", "pooled"):
+                key = f"{item.entry}.{name}"
+                if key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    out[name] = handle.get_tensor(key)
+        except Exception as exc:  # a part deleted or damaged since the cache was made
+            raise self._broken(item.file, exc) from exc
         return out
+
+    def _broken(self, name: str, exc: Exception) -> CacheError:
+        return CacheError(f"The cache {self.folder} cannot be read: {name} is missing or damaged ({exc}). Make it "
+                          "again: `cache --force` (or delete the folder; train makes it at the start).")
 
     def __getstate__(self):  # data loader workers open their own handles
         state = dict(self.__dict__)

@@ -27,7 +27,7 @@ from ..connector_file import (
     META_TOKEN_LENGTH,
     META_TRAINING,
     llm_key,
-    read_metadata,
+    read_training_facts,
     save_connector,
 )
 from .config import Config, ConfigError
@@ -57,9 +57,9 @@ class TrainState:
 
 def llm_name(config: Config) -> str:
     """How files name the run's LLM: a local folder by its name, a hub id as written."""
-    llm = config.model["llm"]
-    resolved = config.resolve(llm)
-    return Path(resolved).name if Path(resolved).exists() else llm
+    from .model import short_name
+
+    return short_name(config.resolve(config.model["llm"]))
 
 
 def metadata(config: Config, base_family: str, feature_dtype: torch.dtype, steps: int, base_name: str,
@@ -86,21 +86,34 @@ def metadata(config: Config, base_family: str, feature_dtype: torch.dtype, steps
 # -- which LLM and shape a connector or checkpoint was made with ------------------------------------------------
 
 
-def file_llm(path: str | Path) -> str:
-    """The LLM a connector file names (``ella.llm``), "" when it names none."""
-    return read_metadata(path).get(META_LLM, "")
+def check_same_inputs(config: Config, what: str, trained: dict, llm: str) -> None:
+    """Refuse (or, with [model] allow_other_llm, warn about) continuing from weights made with another LLM or another
+    LLM layer: features of the same width from another model or layer mean something else, and the connector would
+    start from noise. Another token length only warns. ``trained``: llm, llm_layer, token_length, max_length (each
+    may be missing)."""
+    model = config.model
+    problems = []
+    if trained.get("llm") and llm_key(trained["llm"]) != llm_key(llm):
+        problems.append(f"the LLM {trained['llm']}, but [model] llm is {llm}")
+    if trained.get("llm_layer") is not None and trained["llm_layer"] != model["llm_layer"]:
+        problems.append(f"LLM layer {trained['llm_layer']}, but [model] llm_layer is {model['llm_layer']}")
+    if problems:
+        message = f"{what} was trained with " + "; and with ".join(problems)
+        if not model["allow_other_llm"]:
+            raise ConfigError(f"{message}. Set [model] back to what it was trained with, or set [model] "
+                              "allow_other_llm = true if you mean to carry these weights over to other features.")
+        log.warning("ELLA train: %s; going on because [model] allow_other_llm = true.", message)
+    length = (trained.get("token_length"), trained.get("max_length"))
+    if length[0] and length != (model["token_length"], model["max_length"]):
+        log.warning("ELLA train: %s was trained with %s token length, max %s; this run uses %s, max %s.", what,
+                    length[0], length[1], model["token_length"], model["max_length"])
 
 
-def check_same_llm(config: Config, what: str, trained: str, chosen: str) -> None:
-    """Refuse (or, with [model] allow_other_llm, warn about) continuing from weights made with another LLM: features
-    of the same width from another model mean something else, and the connector would start from noise."""
-    if not trained or llm_key(trained) == llm_key(chosen):
-        return
-    message = f"{what} was trained with the LLM {trained}, but [model] llm is {chosen}"
-    if not config.model["allow_other_llm"]:
-        raise ConfigError(f"{message}. Set [model] llm to {trained}, or set [model] allow_other_llm = true if you "
-                          "mean to carry these weights over to another LLM.")
-    log.warning("ELLA train: %s; going on because [model] allow_other_llm = true.", message)
+def file_inputs(path: str | Path) -> dict:
+    """What a connector file says it read (its LLM, layer and token length), for ``check_same_inputs``."""
+    facts = read_training_facts(path)
+    return {"llm": facts.llm, "llm_layer": facts.llm_layer, "token_length": facts.token_length,
+            "max_length": facts.max_length}
 
 
 def connector_shape(shape: ConnectorConfig) -> dict:
@@ -118,14 +131,16 @@ def check_resumable(config: Config, checkpoint: Path, shape: ConnectorConfig, ll
     changed = [f"{key} {saved[key]} -> {now[key]}" for key in now if key in saved and saved[key] != now[key]]
     if changed:
         raise ConfigError(f"--resume {checkpoint.name}: the connector's shape changed since that checkpoint "
-                          f"({', '.join(changed)}). Put the [connector] keys back as they were (config.toml in "
-                          "the output folder holds them), or train the new shape into another [train] output.")
-    check_same_llm(config, f"--resume {checkpoint.name}", info.get("llm", ""), llm)
+                          f"({', '.join(changed)}). Put the [connector] keys back as they were ({RUN_CONFIG} "
+                          "in the output folder holds them), or train the new shape into another [train] output.")
+    check_same_inputs(config, f"--resume {checkpoint.name}", info, llm)
 
 
 def checkpoints(output: Path) -> list[Path]:
+    """The complete checkpoints under ``output/checkpoints``, oldest first."""
     folder = output / "checkpoints"
-    found = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / COMPLETE_MARKER).is_file()] \
+    found = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*")
+             if p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / COMPLETE_MARKER).is_file()] \
         if folder.is_dir() else []
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
@@ -171,16 +186,23 @@ def ema_model(connector: Connector, ema: list[torch.Tensor]) -> Connector:
     return copy.eval()
 
 
+def write_connector(plain: Connector, ema: list[torch.Tensor] | None, path: Path, meta: dict,
+                    dtype: torch.dtype) -> None:
+    """Write a connector file atomically: the EMA weights when given, in ``dtype``."""
+    model = ema_model(plain, ema) if ema else plain
+    tmp = path.with_suffix(".tmp")
+    save_connector(model, tmp, metadata=meta, dtype=dtype)
+    os.replace(tmp, path)
+
+
 def save_connector_file(accelerator, plain: Connector, state: TrainState, path: Path, meta: dict, ema: float,
                         dtype: torch.dtype = torch.float16) -> None:
-    """The main process writes the connector (EMA weights when EMA is on) in ``dtype``, atomically."""
+    """The main process writes the connector (EMA weights when EMA is on) in ``dtype``; a write error reaches every
+    process's caller after they meet."""
     error = None
     if accelerator.is_main_process:
-        model = ema_model(plain, state.ema) if ema else plain
-        tmp = path.with_suffix(".tmp")
         try:
-            save_connector(model, tmp, metadata=meta, dtype=dtype)
-            os.replace(tmp, path)
+            write_connector(plain, state.ema if ema else None, path, meta, dtype)
         except OSError as exc:
             error = exc
     accelerator.wait_for_everyone()
@@ -189,30 +211,44 @@ def save_connector_file(accelerator, plain: Connector, state: TrainState, path: 
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint (a crash after them would repeat them)."""
+    """On resume, drop lines logged after the checkpoint (a crash after them would repeat them) and lines a crash cut
+    short."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash or a full disk
+            continue
+        if isinstance(entry, dict) and entry.get("step", 0) <= step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 # -- the output folder: one run at a time, never over another run --------------------------------------------------
 
 LOCK_NAME = "train.lock"
-# What a run writes; a folder with any of these holds a run (samples/ alone may come from the `sample` verb).
-RUN_FILES = ("connector.safetensors", "metrics.jsonl", "checkpoints", "config.toml", "skipped.txt", "logs")
-RUN_GLOBS = ("connector-step*.safetensors",)
+RUN_CONFIG = "ella-run.toml"  # the config as the run used it (never the user's own config file)
+# What else a run writes. Left by a run that saved no weights (it failed or was killed before its first save), they
+# are replaced by the next run; beside a run's weights they are that run's and are kept.
+RUN_EXTRAS = ("metrics.jsonl", "logs", "skipped.txt", RUN_CONFIG, "samples", "checkpoints")
 
 
-def run_files(output: Path) -> list[Path]:
-    """The files and folders of an earlier run in ``output`` (empty for a new or empty folder)."""
+def weight_files(output: Path) -> list[Path]:
+    """A run's weights in ``output``: its connector files and complete checkpoints (what must never be lost)."""
     if not output.is_dir():
         return []
-    found = [output / name for name in RUN_FILES if (output / name).exists()]
-    for pattern in RUN_GLOBS:
-        found += sorted(output.glob(pattern))
-    return found
+    found = [output / "connector.safetensors"] if (output / "connector.safetensors").is_file() else []
+    return found + sorted(output.glob("connector-step*.safetensors")) + checkpoints(output)
+
+
+def run_extras(output: Path, keep: Path | None = None) -> list[Path]:
+    """The other files a run writes, found in ``output`` (``keep``, the user's config file, is never among them)."""
+    if not output.is_dir():
+        return []
+    keep = keep.resolve() if keep is not None else None
+    return [output / name for name in RUN_EXTRAS if (output / name).exists() and (output / name).resolve() != keep]
 
 
 class OutputLock:
@@ -230,8 +266,11 @@ class OutputLock:
         try:
             _lock_file(handle)
         except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            try:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+            except OSError:
+                holder = "another process"
             handle.close()
             raise ConfigError(f"{self.path.parent} is in use by another training run ({holder}). Wait for it to "
                               "end, or set [train] output to another folder.") from None
@@ -259,12 +298,14 @@ class OutputLock:
 if os.name == "nt":  # pragma: no cover - Windows
     import msvcrt
 
+    _LOCK_OFFSET = 1 << 30  # Windows byte locks are mandatory: lock a byte past the text, so the holder can be read
+
     def _lock_file(handle) -> None:
-        handle.seek(0)
+        handle.seek(_LOCK_OFFSET)
         msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
 
     def _unlock_file(handle) -> None:
-        handle.seek(0)
+        handle.seek(_LOCK_OFFSET)
         msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
 else:
     import fcntl
@@ -276,26 +317,46 @@ else:
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def check_output(output: Path, resume: str | None, overwrite: bool) -> None:
-    """Refuse to start a new run over an earlier one (it would replace its connector, cut its metrics and mix its
-    checkpoints with the new run's), unless ``overwrite``: then the earlier run's files are deleted first. Called by
-    the main process, under the lock, before any model is loaded."""
-    found = run_files(output)
-    if resume or not found:
-        return
-    if not overwrite:
-        names = ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else "")
+def check_output(output: Path, checkpoint: Path | None, overwrite: bool, keep: Path | None = None) -> None:
+    """Refuse to start a run over another run's weights (it would replace its connector, cut its metrics and mix its
+    checkpoints with the new run's), unless ``overwrite``: then that run's files are deleted first. A resume is
+    allowed from the folder's own newest checkpoint, or from elsewhere into a folder without weights. Files of a run
+    that saved no weights are replaced. ``keep`` (the user's config file) is never deleted. Called by the main
+    process, under the lock, before any model loads."""
+    weights = weight_files(output)
+    if checkpoint is not None and overwrite:
+        raise ConfigError("--resume and --overwrite together: --resume continues the run in [train] output, "
+                          "--overwrite deletes it. Give one of them.")
+    if checkpoint is not None and weights:
+        own = checkpoints(output)
+        if own and checkpoint.resolve() == own[-1].resolve():
+            return
+        newest = f"its newest checkpoint is {own[-1].name}" if own else "it has no checkpoint"
         raise ConfigError(
-            f"{output} already holds a training run ({names}). To continue it: train --resume latest (raise "
-            "[train] steps to train longer). To start another run: set [train] output to a new folder. To delete "
-            "that run and start again there: train --overwrite.")
-    log.warning("ELLA train: --overwrite: deleting the earlier run in %s (%s)", output,
-                ", ".join(p.name for p in found))
-    for path in found:
+            f"--resume {checkpoint} would train into {output}, which holds another line of training ({newest}); "
+            "the two runs' files would mix. Resume into a new folder (--set train.output=...), or continue that "
+            "folder's own run with --resume latest.")
+    if weights and not overwrite:
+        names = ", ".join(p.name for p in weights[:4]) + (" ..." if len(weights) > 4 else "")
+        if checkpoints(output):
+            ways = "To continue it: train --resume latest (raise [train] steps to train longer)."
+        else:
+            ways = ("It has no checkpoint to continue from; to start from its connector, set [connector] init_from "
+                    "to it and [train] output to a new folder.")
+        raise ConfigError(f"{output} already holds a training run ({names}). {ways} To start another run: set "
+                          "[train] output to a new folder. To delete that run and start again there: train "
+                          "--overwrite.")
+    leftovers = [p for p in [*weights, *run_extras(output, keep)] if p.exists()]
+    if not leftovers:
+        return
+    if weights:
+        log.warning("ELLA train: --overwrite: deleting the earlier run in %s (%s)", output,
+                    ", ".join(p.name for p in leftovers))
+    else:
+        log.warning("ELLA train: %s holds files of a run that saved no weights (%s); starting over there.", output,
+                    ", ".join(p.name for p in leftovers))
+    for path in leftovers:
         if path.is_dir():
             shutil.rmtree(path)
-        else:
+        elif path.exists():
             path.unlink()
-    samples = output / "samples"
-    if samples.is_dir():
-        shutil.rmtree(samples)

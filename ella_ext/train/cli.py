@@ -120,7 +120,10 @@ def _cache(config, force: bool) -> int:
         shutil.rmtree(folder)
     accelerator.wait_for_everyone()
     if cache_complete(folder):
-        print(f"{folder} is complete already (use --force to make it again).")
+        from .cache import CacheReader
+
+        CacheReader(folder, config, str(llm_dtype(config, accelerator.device)).replace("torch.", ""))  # up to date?
+        print(f"{folder} is complete and matches the data already (use --force to make it again).")
         return 0
     base = load_base(config, accelerator.device, weight_dtype(config))
     encoder = load_encoder(config, accelerator.device)
@@ -147,6 +150,7 @@ def _sample(config, args) -> int:
     accelerator = make_accelerator(config)
     device = accelerator.device
     connector = load_connector(args.connector, device, torch.float32)  # a bad file fails before the base loads
+    config = as_trained(config, args.connector)
     base = load_base(config, device, weight_dtype(config))
     check_connector_fits_base(args.connector, connector, base)
     encoder = load_encoder(config, device)
@@ -159,6 +163,28 @@ def _sample(config, args) -> int:
                            args.connector.name)
         print(path)
     return 0
+
+
+def as_trained(config, path: Path):
+    """The config with [model] llm_layer, token_length and max_length as the connector file says it was trained (so
+    a connector is sampled as the WebUI runs it); each change is logged. Its LLM is the config's: a different one is
+    only warned about."""
+    import dataclasses
+
+    from ..connector_file import llm_key, read_training_facts
+
+    facts = read_training_facts(path)
+    model = dict(config.model)
+    for key, value in (("llm_layer", facts.llm_layer), ("token_length", facts.token_length),
+                       ("max_length", facts.max_length)):
+        if value is not None and value != model[key]:
+            log.info("ELLA train: %s was trained with %s = %s; sampling it so (the config says %s)", path.name, key,
+                     value, model[key])
+            model[key] = value
+    if facts.llm and llm_key(facts.llm) != llm_key(config.model["llm"]):
+        log.warning("ELLA train: %s was trained with the LLM %s, but [model] llm is %s: its images will not be what "
+                    "it learned.", path.name, facts.llm, config.model["llm"])
+    return dataclasses.replace(config, model=model)
 
 
 def check_connector_fits_base(path: Path, connector, base) -> None:

@@ -56,8 +56,8 @@ KEYS: dict[str, dict[str, Key]] = {
         "token_length": Key(str, "fixed", "fixed pads to max_length like the reference; flexible masks padding",
                             choices=("fixed", "flexible")),
         "max_length": Key(int, 128, "tokens the LLM reads (fixed: padded to it; flexible: truncated at it)", minimum=1),
-        "allow_other_llm": Key(bool, False, "resume or init_from a connector made with another LLM than [model] llm "
-                                            "(false: refused; true: a warning)"),
+        "allow_other_llm": Key(bool, False, "resume or init_from a connector made with another LLM or LLM layer than "
+                                            "[model] says (false: refused; true: a warning)"),
         "vae": Key(str, "", help="another VAE instead of the base's: a diffusers folder, hub id or single-file "
                                  ".safetensors (e.g. an fp16-fixed SDXL VAE)"),
         "vae_dtype": Key(str, "auto", "the VAE's precision; auto = float32 for SDXL's own VAE under fp16 (it "

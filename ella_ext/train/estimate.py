@@ -28,7 +28,8 @@ def _meta_sizes(config: Config) -> dict[str, int]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoConfig, AutoModel, CLIPTextConfig, CLIPTextModelWithProjection
 
-    from .model import CONFIGS, _single_file_family, is_single_file
+    from ..text_encoders import T5_FAMILY
+    from .model import _config_folder, _single_file_family, is_single_file
 
     base = config.resolve(config.model["base"])
     refuse_pickle(base, "[model] base")
@@ -45,7 +46,7 @@ def _meta_sizes(config: Config) -> dict[str, int]:
         except Exception as exc:  # safetensors raises its own types
             raise BaseModelError(f"{base} could not be read as safetensors ({exc}); it may be a partial "
                                  "download.") from exc
-        folder = config.resolve(config.model["base_config"]) if config.model["base_config"] else str(CONFIGS / family)
+        folder = _config_folder(config, family, base)
     else:
         folder = base
     counts = {}
@@ -68,7 +69,7 @@ def _meta_sizes(config: Config) -> dict[str, int]:
             clip_config = CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2")
             counts["clip_g"] = _param_count(CLIPTextModelWithProjection(clip_config))
             counts["pooled_width"] = clip_config.projection_dim
-        if llm_config.model_type in ("t5", "mt5", "umt5"):
+        if llm_config.model_type in T5_FAMILY:
             from transformers import T5EncoderModel
 
             counts["llm"] = _param_count(T5EncoderModel(llm_config))

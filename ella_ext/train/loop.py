@@ -25,25 +25,25 @@ import torch
 import torch.nn.functional as F
 
 from ..connector import Connector
-from ..connector_file import save_connector
 from ..errors import ELLAError
 from .checkpoints import (
-    CHECKPOINT_PREFIX,
+    RUN_CONFIG,
     OutputLock,
     TrainState,
     check_output,
     check_resumable,
-    check_same_llm,
+    check_same_inputs,
     checkpoints,
     connector_shape,
     ema_model,
-    file_llm,
+    file_inputs,
     llm_name,
     metadata,
     resolve_resume,
     save_checkpoint,
     save_connector_file,
     truncate_metrics,
+    write_connector,
 )
 from .config import Config, ConfigError, write_run_config
 from .data import preflight
@@ -166,19 +166,21 @@ def train(config: Config, resume: str | None = None, on_step: Callable[[int, Con
           overwrite: bool = False) -> Result:
     """Train the TSC as the config says; returns where things were written.
 
-    Before any model loads: the data sources must exist, and the output folder must not hold another run (unless
-    ``resume`` continues it or ``overwrite`` deletes it); the folder is locked for the run's lifetime."""
+    Before any model loads: the data sources must exist, the checkpoint to resume from must be complete, and the
+    output folder must not hold another run's weights (unless ``resume`` continues its newest checkpoint or
+    ``overwrite`` deletes it); the folder is locked for the run's lifetime."""
     accelerator = make_accelerator(config, trackers=True)
     threads = set_threads(config, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), accelerator.device)
     check_source_paths(config)
     preflight(config)
-    lock = _claim_output(accelerator, config.output, resume, overwrite)
+    lock = _claim_output(accelerator, config, resume, overwrite)
+    run = _Run(config, accelerator, resolve_resume(config.output, resume) if resume else None, on_step, lock)
     try:
         log.info("ELLA train: %s", threads)
-        return _Run(config, accelerator, resume, on_step).run()
+        return run.run()
     finally:
-        if lock is not None:
-            lock.release()
+        if run.lock is not None:
+            run.lock.release()
 
 
 def check_source_paths(config: Config) -> None:
@@ -198,19 +200,23 @@ def check_source_paths(config: Config) -> None:
                             + ". Give existing .tar shards, a folder of them, or a folder of images.")
 
 
-def _claim_output(accelerator, output: Path, resume: str | None, overwrite: bool) -> OutputLock | None:
-    """The main process locks the output folder and checks it holds no other run; every process stops if it
-    cannot."""
+def _claim_output(accelerator, config: Config, resume: str | None, overwrite: bool) -> OutputLock | None:
+    """The main process locks the output folder, finds the checkpoint to resume from and checks it may train there;
+    every process stops if it cannot."""
+    output = config.output
     lock, error = None, None
     if accelerator.is_main_process:
         try:
             lock = OutputLock(output)
             lock.acquire()
-            check_output(output, resume, overwrite)
-        except ELLAError as exc:
+            check_output(output, resolve_resume(output, resume) if resume else None, overwrite, keep=config.path)
+        except (ELLAError, OSError) as exc:
             if lock is not None:
                 lock.release()
-            lock, error = None, exc
+            lock = None
+            error = exc if isinstance(exc, ELLAError) else ConfigError(
+                f"[train] output = {output} cannot be used as the run's folder ({exc}). Set it to a folder that can "
+                "be made and written.")
     if _agree(accelerator, error is not None):
         raise error or ConfigError(f"The main process could not use {output} (its message says why).")
     return lock
@@ -219,8 +225,9 @@ def _claim_output(accelerator, output: Path, resume: str | None, overwrite: bool
 class _Run:
     """One training run, set up (base, LLM or cache, connector, data) and then stepped."""
 
-    def __init__(self, config: Config, accelerator, resume: str | None, on_step):
-        self.config, self.accelerator, self.resume, self.on_step = config, accelerator, resume, on_step
+    def __init__(self, config: Config, accelerator, checkpoint: Path | None, on_step, lock: OutputLock | None):
+        self.config, self.accelerator, self.checkpoint, self.on_step = config, accelerator, checkpoint, on_step
+        self.lock = lock
         self.output = config.output
         self.main = accelerator.is_main_process
         self._output_missing_reported = False
@@ -236,10 +243,7 @@ class _Run:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         with logging_redirect_tqdm(), _StopSignal() as stop:
-            try:
-                return self._finish(self._steps(stop))
-            except OSError as exc:  # the output folder cannot be written (deleted and not makeable, disk full)
-                raise self._rescue(exc) from exc
+            return self._finish(self._steps(stop))
 
     def _load_models(self) -> None:
         from .cache import CacheReader, build_cache, cache_complete
@@ -275,8 +279,8 @@ class _Run:
         self.shape = connector_config(config, self.base.family, self.llm_width, self.base.context_width)
         self.llm_name = llm_name(config)
         if config.connector["init_from"]:
-            check_same_llm(config, f"[connector] init_from {Path(config.connector['init_from']).name}",
-                           file_llm(config.resolve(config.connector["init_from"])), self.llm_name)
+            check_same_inputs(config, f"[connector] init_from {Path(config.connector['init_from']).name}",
+                              file_inputs(config.resolve(config.connector["init_from"])), self.llm_name)
         connector = load_or_init_connector(config, self.shape).to(accelerator.device)
         optimizer = make_optimizer(config, list(connector.parameters()), self.peak_lr)
         ema = config.train["ema"]
@@ -284,17 +288,17 @@ class _Run:
         self.connector, self.optimizer = accelerator.prepare(connector, optimizer)
         accelerator.register_for_checkpointing(self.state)
         self.plain = accelerator.unwrap_model(self.connector)
-        self.checkpoint = None
-        if self.resume:
-            self.checkpoint = resolve_resume(self.output, self.resume)
+        self.resumed_step = None
+        if self.checkpoint is not None:
             check_resumable(config, self.checkpoint, self.shape, self.llm_name)
             try:
                 accelerator.load_state(str(self.checkpoint))
             except (RuntimeError, KeyError, ValueError) as exc:  # torch's "size mismatch", missing keys
                 raise ConfigError(f"--resume {self.checkpoint}: the checkpoint does not fit this config's connector "
                                   f"or optimiser ({str(exc).splitlines()[0]}). Resume with the config it was saved "
-                                  "with (config.toml in the output folder), or start a new run in another "
+                                  f"with ({RUN_CONFIG} in the output folder), or start a new run in another "
                                   "[train] output.") from exc
+            self.resumed_step = self.state.step
             log.info("ELLA train: resumed from %s at step %d", self.checkpoint, self.state.step)
 
     def _make_data(self) -> None:
@@ -319,10 +323,15 @@ class _Run:
 
     def _start_logs(self) -> None:
         if self.main:
-            self._ensure_output()
-            write_run_config(self.config, self.output / "config.toml")
-            self.accelerator.init_trackers("ella")
-            truncate_metrics(self.output / "metrics.jsonl", self.state.step)
+            self._write(self._ensure_output)
+            self._write(self._write_run_config)
+            self._to_trackers(lambda: self.accelerator.init_trackers("ella"))
+            self._write(lambda: truncate_metrics(self.output / "metrics.jsonl", self.state.step))
+
+    def _write_run_config(self) -> None:
+        path = self.output / RUN_CONFIG
+        if self.config.path is None or path.resolve() != self.config.path.resolve():  # never the user's own file
+            write_run_config(self.config, path)
 
     # -- the steps ---------------------------------------------------------------------------------------------
 
@@ -409,7 +418,7 @@ class _Run:
             self.last_saved = self._save_checkpoint()
         if sample_every and state.step % sample_every == 0 and state.step < steps:
             self._samples()
-        if not stop_now:
+        if not stop_now or state.step >= steps:  # a stop asked during the last step: the run ends as planned
             return False
         if self.last_saved is None or not self.last_saved.name.endswith(f"{state.step:08d}"):
             self.last_saved = self._save_checkpoint()
@@ -425,11 +434,11 @@ class _Run:
             final = self._save_connector(final)
             if config.train["save_every"] and state.step % config.train["save_every"] == 0:
                 self._save_connector(self.output / f"connector-step{state.step}.safetensors")
-            if self.checkpoint is None or state.step != int(self.checkpoint.name[len(CHECKPOINT_PREFIX):]):
+            if state.step != self.resumed_step:  # (a resume already at its last step has that checkpoint)
                 self.last_saved = self._save_checkpoint()
             if self.prompts is not None:
                 self._samples()
-        self.accelerator.end_training()
+        self._to_trackers(self.accelerator.end_training)
         return Result(state.step, interrupted, final, self.last_saved)
 
     # -- writing -----------------------------------------------------------------------------------------------
@@ -442,15 +451,28 @@ class _Run:
         for tracker in self.accelerator.trackers:  # TensorBoard opens its event file by name at every write
             if getattr(tracker, "logging_dir", None):
                 Path(tracker.logging_dir).mkdir(parents=True, exist_ok=True)
+        if self.lock is not None:  # the lock file went with the folder: take the folder's new one, or stop
+            self.lock.release()
+            self.lock = OutputLock(self.output)
+            try:
+                self.lock.acquire()
+            except ConfigError as exc:
+                self.lock = None
+                raise OSError(str(exc)) from exc
+        if hasattr(self, "record"):  # (after setup) the run's config went with the folder too
+            self._write_run_config()
         if not self._output_missing_reported and self.main and self.state.step:
             self._output_missing_reported = True
             log.warning("ELLA train: the output folder %s was deleted during the run; it was made again (files "
                         "written there before are lost; the run goes on).", self.output)
 
     def _log_metrics(self, entry: dict) -> None:
-        self._ensure_output()
-        with open(self.output / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+        def write():
+            self._ensure_output()
+            with open(self.output / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+
+        self._write(write)
         self._to_trackers(lambda: self.accelerator.log({k: v for k, v in entry.items() if isinstance(v, float | int)},
                                                        step=entry["step"]))
 
@@ -477,10 +499,19 @@ class _Run:
         meta = metadata(self.config, self.base.family, self.feature_dtype, self.state.step, self.base.name,
                         self.record)
         if self.main:
-            self._ensure_output()
-        save_connector_file(self.accelerator, self.plain, self.state, path, meta, self.config.train["ema"],
-                            SAVE_DTYPES[self.config.train["save_precision"]])
+            self._write(self._ensure_output)
+        self._write(lambda: save_connector_file(self.accelerator, self.plain, self.state, path, meta,
+                                                self.config.train["ema"],
+                                                SAVE_DTYPES[self.config.train["save_precision"]]))
         return path
+
+    def _write(self, write):
+        """Run one of the trainer's own writes to the output folder; if the folder cannot be written, the weights in
+        memory go to a rescue file before the run stops (reading errors are not caught here)."""
+        try:
+            return write()
+        except OSError as exc:
+            raise self._rescue(exc) from exc
 
     def _rescue(self, error: OSError) -> TrainingStopped:
         """The output folder cannot be written: the weights in memory go to a rescue file, named in the error, so
@@ -489,20 +520,22 @@ class _Run:
             return TrainingStopped(f"The main process could not write {self.output} ({error}).")
         rescue = rescue_path(self.output / "connector.safetensors")
         meta = metadata(self.config, self.base.family, self.feature_dtype, self.state.step, self.base.name,
-                        self.record)
-        model = ema_model(self.plain, self.state.ema) if self.config.train["ema"] else self.plain
-        save_connector(model, rescue, metadata=meta, dtype=SAVE_DTYPES[self.config.train["save_precision"]])
+                        getattr(self, "record", None))
+        write_connector(self.plain, self.state.ema if self.config.train["ema"] else None, rescue, meta,
+                        SAVE_DTYPES[self.config.train["save_precision"]])
         return TrainingStopped(f"Could not write to the output folder {self.output} ({error}). The connector of "
                                f"step {self.state.step} was saved to {rescue}. Make the folder writable and continue "
                                "with --resume latest from its last checkpoint, or use that file.")
 
     def _save_checkpoint(self) -> Path:
         if self.main:
-            self._ensure_output()
-        info = {"llm": self.llm_name, "llm_layer": self.config.model["llm_layer"], "family": self.base.family,
-                "connector": connector_shape(self.shape), "step": self.state.step}
-        return save_checkpoint(self.accelerator, self.output, self.state.step, self.config.train["keep_checkpoints"],
-                               info)
+            self._write(self._ensure_output)
+        model = self.config.model
+        info = {"llm": self.llm_name, "llm_layer": model["llm_layer"], "token_length": model["token_length"],
+                "max_length": model["max_length"], "family": self.base.family, "connector": connector_shape(self.shape),
+                "step": self.state.step}
+        return self._write(lambda: save_checkpoint(self.accelerator, self.output, self.state.step,
+                                                   self.config.train["keep_checkpoints"], info))
 
     def _samples(self) -> None:
         from .sample import generate, save_sample
@@ -511,12 +544,16 @@ class _Run:
         if self.main:
             model = ema_model(self.plain, state.ema).to(accelerator.device) if config.train["ema"] else self.plain
             folder = self.output / "samples"
-            self._ensure_output()
-            folder.mkdir(parents=True, exist_ok=True)
             images = generate(config, self.base, model, self.prompts)
-            for i, (prompt, image) in enumerate(zip(self.prompts.prompts, images)):
-                save_sample(image, folder / f"step{state.step:06d}-{i}.png", config, prompt, i,
-                            f"step {state.step} of {self.output.name}")
+
+            def write():
+                self._ensure_output()
+                folder.mkdir(parents=True, exist_ok=True)
+                for i, (prompt, image) in enumerate(zip(self.prompts.prompts, images)):
+                    save_sample(image, folder / f"step{state.step:06d}-{i}.png", config, prompt, i,
+                                f"step {state.step} of {self.output.name}")
+
+            self._write(write)
             self._to_trackers(lambda: log_images(accelerator, images, self.prompts.prompts, state.step))
         accelerator.wait_for_everyone()
 

@@ -173,7 +173,7 @@ def _load_single_file(path: str, config: Config) -> tuple[str, Any, Any, Any, An
     if wanted != "auto" and wanted != family:
         raise ConfigError(f"[model] family = {wanted!r} but {file.name} is an {family} checkpoint; set family = "
                           f"'auto' or {family!r}.")
-    folder = config.resolve(config.model["base_config"]) if config.model["base_config"] else str(CONFIGS / family)
+    folder = _config_folder(config, family, path)
     try:
         unet = UNet2DConditionModel.from_single_file(checkpoint, config=folder, subfolder="unet",
                                                      local_files_only=True)
@@ -260,10 +260,10 @@ def load_base(config: Config, device: torch.device, dtype: torch.dtype) -> Base:
     if prediction not in ("epsilon", "v_prediction"):
         raise ConfigError(f"The base's scheduler predicts {prediction!r}; set [model] prediction to 'epsilon' or "
                           "'v_prediction'.")
-    name = Path(base).name if Path(base).exists() else base
+    name = short_name(base)
     vae_name = "the base's VAE"
     if config.model["vae"]:
-        vae, vae_name = load_vae(config, family, base), _short_name(config.resolve(config.model["vae"]))
+        vae, vae_name = load_vae(config, family, base), short_name(config.resolve(config.model["vae"]))
     result = Base(family, unet, vae, scheduler, prediction, name, clip_g, tokenizer, vae_name)
     result.freeze()
     vae_dtype = vae_dtype_for(config, family, dtype)
@@ -273,7 +273,9 @@ def load_base(config: Config, device: torch.device, dtype: torch.dtype) -> Base:
     return result
 
 
-def _short_name(path_or_id: str) -> str:
+def short_name(path_or_id: str) -> str:
+    """How files and logs name a model: a local file or folder by its name (no server paths in shared files), a hub
+    id as written."""
     return Path(path_or_id).name if Path(path_or_id).exists() else path_or_id
 
 

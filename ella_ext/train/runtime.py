@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from ..errors import ELLAError
+from ..errors import ELLAError, TextEncoderError
 from .config import FAMILY_LR, Config, ConfigError
 
 log = logging.getLogger("ella")
@@ -84,17 +84,19 @@ def load_encoder(config: Config, device: torch.device):
     # No cross-step cache: a text's features must not depend on which batch first encoded it (exact resume).
     layer = config.model["llm_layer"]
     encoder = load_text_encoder(config.resolve(config.model["llm"]), device, llm_dtype(config, device),
-                                layer=layer, cache=EncodingCache(max_entries=0))
+                                cache=EncodingCache(max_entries=0))
     if encoder.layer is None:
         if layer != -1:
             log.warning("ELLA train: [model] llm_layer = %d is ignored: %s is an encoder (T5 family), whose last "
                         "hidden state is used.", layer, config.model["llm"])
         return encoder
-    layers = int(getattr(encoder.model.config, "num_hidden_layers", 0) or 0)
-    if layers and not -(layers + 1) <= layer <= layers:
-        raise ConfigError(f"[model] llm_layer = {layer} is not a layer of {config.model['llm']}, which has {layers} "
-                          f"layers: use -1 (the last) down to {-(layers + 1)} (the embeddings), or 0 to {layers}.")
-    return encoder
+    try:
+        return encoder.with_layer(layer)
+    except TextEncoderError as exc:
+        count = encoder.hidden_states
+        raise ConfigError(f"[model] llm_layer = {layer} is not a hidden state of {config.model['llm']}, which has "
+                          f"{count} (its {count - 1} layers and the embeddings): use -1 (the last) down to {-count}, "
+                          f"or 0 to {count - 1}.") from exc
 
 
 def token_max_length(config: Config) -> int | None:

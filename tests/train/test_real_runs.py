@@ -173,7 +173,7 @@ def test_an_llm_layer_the_llm_does_not_have_is_refused_when_it_loads(tmp_path, s
 
     config = load_config(write_config(tmp_path / "run.toml", base=sd15_base, llm=tiny_llama_dir, images=images8,
                                       output=tmp_path / "out", model={"llm_layer": -7}, train={"steps": 1}))
-    with pytest.raises(ConfigError, match=r"llm_layer = -7 is not a layer of .*2 layers.*-3"):
+    with pytest.raises(ConfigError, match=r"llm_layer = -7 is not a hidden state of .*which has 3 \(its 2 layers.*-3"):
         load_encoder(config, torch.device("cpu"))
     assert load_encoder(load_config(config.path, ["model.llm_layer=-3"]), torch.device("cpu")).layer == -3
 
@@ -193,7 +193,7 @@ def test_an_llm_layer_on_t5_is_ignored_with_a_warning(tmp_path, sd15_base, image
 def test_resume_after_the_connector_shape_changed_says_what_changed(finished):
     with pytest.raises(ConfigError) as refused:
         train(load_config(finished, ["connector.width=64", "train.steps=6"]), resume="latest")
-    assert "width 32 -> 64" in str(refused.value) and "config.toml" in str(refused.value)
+    assert "width 32 -> 64" in str(refused.value) and "ella-run.toml" in str(refused.value)
 
 
 def test_resume_or_init_from_with_another_llm_is_refused_unless_allowed(tmp_path, finished, sd15_base, images8,
@@ -283,7 +283,7 @@ def test_files_are_fp16_by_default_and_carry_the_training_record(tmp_path, sd15_
     assert record["base"] == sd15_base.name and record["llm"] == tiny_t5_dir.name
     assert record["trainer"].startswith("ella_ext.train ")
     assert str(tmp_path) not in json.dumps(record), "no absolute path in a file people share"
-    saved = load_config(config.output / "config.toml")  # the resolved config, read back
+    saved = load_config(config.output / "ella-run.toml")  # the resolved config, read back
     assert saved.train == {**config.train, "output": str(config.output.resolve())}
     assert saved.model["base"] == str(sd15_base.resolve()) and saved.sources == config.sources
 
@@ -638,3 +638,171 @@ def test_empty_captions_error_and_a_stale_cache_are_refused_before_any_model_loa
     monkeypatch.setattr(model, "load_base", lambda *a, **k: pytest.fail("the base loaded before the refusal"))
     with pytest.raises(CacheError, match="img02"):
         train(load_config(path))
+
+
+# -- the holes a review found in the above --------------------------------------------------------------------------
+
+
+def test_resume_from_another_runs_checkpoint_never_mixes_two_runs(tmp_path, finished, no_models):
+    elsewhere = finished.parent / "run" / "checkpoints" / "step-00000002"  # not the folder's newest (step 4)
+    with pytest.raises(ConfigError, match="another line of training.*its newest checkpoint is step-00000004"):
+        train(load_config(finished, ["train.steps=6"]), resume=str(elsewhere))
+    with pytest.raises(ConfigError, match="--resume and --overwrite together"):
+        train(load_config(finished, ["train.steps=6"]), resume="latest", overwrite=True)
+
+
+def test_resume_from_a_copied_checkpoint_into_a_new_folder_finishes_with_its_checkpoint(tmp_path, finished):
+    import shutil
+
+    copy = tmp_path / "backup-ckpt"
+    shutil.copytree(finished.parent / "run" / "checkpoints" / "step-00000002", copy)
+    config = load_config(finished, ["train.steps=3", f"train.output={json.dumps(str(tmp_path / 'branch'))}"])
+    result = train(config, resume=str(copy))
+    assert result.step == 3 and result.checkpoint.name == "step-00000003" and result.connector.is_file()
+
+
+def test_a_run_that_saved_no_weights_is_started_over(tmp_path, sd15_base, images8, tiny_t5_dir, caplog):
+    config = _config(tmp_path, sd15_base, images8, tiny_t5_dir, train={"steps": 2})
+    config.output.mkdir()
+    (config.output / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')  # killed mid-line
+    (config.output / "skipped.txt").write_text("no caption file (.txt)\tx.png\n")
+    (config.output / "logs").mkdir()
+    with caplog.at_level(logging.WARNING, logger="ella"):
+        assert train(config).step == 2
+    assert "holds files of a run that saved no weights" in caplog.text
+    assert [json.loads(line)["step"] for line in (config.output / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert not (config.output / "skipped.txt").exists()
+
+
+def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path, sd15_base, images8, tiny_t5_dir):
+    config = _config(tmp_path, sd15_base, images8, tiny_t5_dir, train={"steps": 2})
+    train(config)
+    with open(config.output / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    assert train(load_config(config.path, ["train.steps=3"]), resume="latest").step == 3
+    steps = [json.loads(line)["step"] for line in (config.output / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_the_users_config_in_the_output_folder_is_never_touched(tmp_path, sd15_base, images8, tiny_t5_dir):
+    project = tmp_path / "project"
+    project.mkdir()
+    path = write_config(project / "config.toml", base=sd15_base, llm=tiny_t5_dir, images=images8, output=project,
+                        train={"steps": 1})
+    path.write_text(path.read_text() + "# my notes\n")
+    before = path.read_text()
+    train(load_config(path))
+    train(load_config(path), overwrite=True)
+    assert path.read_text() == before
+    assert (project / "ella-run.toml").read_text().startswith("# The config this run used")
+
+
+def test_an_output_that_is_a_file_is_refused_by_key(tmp_path, sd15_base, images8, tiny_t5_dir, no_models):
+    (tmp_path / "taken").write_text("")
+    config = _config(tmp_path, sd15_base, images8, tiny_t5_dir,
+                     train={"steps": 1, "output": str(tmp_path / "taken")})
+    with pytest.raises(ConfigError, match=r"\[train\] output = .*taken cannot be used as the run's folder"):
+        train(config)
+
+
+def test_a_tracker_failing_at_the_end_does_not_fail_a_finished_run(tmp_path, sd15_base, images8, tiny_t5_dir,
+                                                                    caplog):
+    import shutil
+
+    config = _config(tmp_path, sd15_base, images8, tiny_t5_dir, train={"steps": 2})
+
+    def delete_logs(step, _model):
+        if step == 2:
+            shutil.rmtree(config.output / "logs")
+
+    with caplog.at_level(logging.WARNING, logger="ella"):
+        result = train(config, on_step=delete_logs)
+    assert result.connector.is_file() and result.checkpoint.name == "step-00000002"
+    assert not list(tmp_path.glob("ella-rescued-*")) and not list(config.output.glob("ella-rescued-*"))
+
+
+def test_a_folder_made_again_is_locked_again(tmp_path, sd15_base, images8, tiny_t5_dir):
+    import shutil
+
+    config = _config(tmp_path, sd15_base, images8, tiny_t5_dir, train={"steps": 3})
+    seen = {}
+
+    def delete(step, _model):
+        if step == 1:
+            shutil.rmtree(config.output)
+        if step == 2:  # the run made the folder again at step 2's metrics line: a second run must be refused
+            try:
+                OutputLock(config.output).acquire()
+                seen["second run"] = "allowed"
+            except ConfigError as exc:
+                seen["second run"] = str(exc)
+            seen["config"] = (config.output / "ella-run.toml").is_file()
+
+    train(config, on_step=delete)
+    assert "in use by another training run" in seen["second run"] and seen["config"]
+
+
+def test_a_stop_asked_during_the_last_step_still_writes_the_connector(tmp_path, sd15_base, images8, tiny_t5_dir):
+    config = _config(tmp_path, sd15_base, images8, tiny_t5_dir, train={"steps": 2})
+
+    def interrupt(step, _model):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = train(config, on_step=interrupt)
+    assert not result.interrupted and result.connector.is_file()
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, sd15_base, images8, tiny_llama_dir):
+    tmp_path = tmp_path_factory.mktemp("llama")
+    config = load_config(write_config(tmp_path / "run.toml", base=sd15_base, llm=tiny_llama_dir, images=images8,
+                                      output=tmp_path / "run", model={"llm_layer": -2, "token_length": "flexible"},
+                                      train={"steps": 2}))
+    train(config)
+    return config
+
+
+def test_resume_or_init_from_at_another_llm_layer_is_refused(tmp_path, llama_run, images8, sd15_base,
+                                                               tiny_llama_dir):
+    with pytest.raises(ConfigError, match="trained with LLM layer -2, but \\[model\\] llm_layer is -1"):
+        train(load_config(llama_run.path, ["model.llm_layer=-1", "train.steps=3"]), resume="latest")
+    config = load_config(write_config(tmp_path / "init.toml", base=sd15_base, llm=tiny_llama_dir, images=images8,
+                                      output=tmp_path / "init", train={"steps": 1},
+                                      connector={"init_from": str(llama_run.output / "connector.safetensors")}))
+    with pytest.raises(ConfigError, match="init_from connector.safetensors was trained with LLM layer -2"):
+        train(config)
+
+
+def test_sample_runs_a_connector_at_its_trained_layer(tmp_path, llama_run, monkeypatch, caplog):
+    from ella_ext.text_encoders import TextEncoder
+
+    layers = []
+    encode = TextEncoder.encode
+
+    def spy(self, texts, max_length):
+        layers.append((self.layer, max_length))
+        return encode(self, texts, max_length)
+
+    monkeypatch.setattr(TextEncoder, "encode", spy)
+    with caplog.at_level(logging.INFO, logger="ella"):
+        assert main(["sample", "--config", str(llama_run.path), "--connector",
+                     str(llama_run.output / "connector.safetensors"), "--prompt", "a red square", "--out",
+                     str(tmp_path / "s"), "--set", "model.llm_layer=-1", "--set", 'model.token_length="fixed"',
+                     "--set", "sample.steps=2"]) == 0
+    assert layers and set(layers) == {(-2, None)}, layers  # layer -2, flexible: as trained, not as the config said
+    assert "was trained with llm_layer = -2; sampling it so" in caplog.text
+
+
+def test_cache_says_when_a_complete_cache_no_longer_matches_the_data(tmp_path, sd15_base, tiny_t5_dir, capsys):
+    from .conftest import make_caption_folder
+
+    images = make_caption_folder(tmp_path / "images", count=4)
+    path = write_config(tmp_path / "run.toml", base=sd15_base, llm=tiny_t5_dir, images=images,
+                        output=tmp_path / "out", train={"steps": 1, "cache": str(tmp_path / "cache")})
+    assert main(["cache", "--config", str(path)]) == 0
+    assert main(["cache", "--config", str(path)]) == 0
+    assert "matches the data already" in capsys.readouterr().out
+    (images / "img00.txt").write_text("an edited caption")
+    assert main(["cache", "--config", str(path)]) == 2
+    assert "img00" in capsys.readouterr().err

@@ -26,6 +26,7 @@ mode and kept in a bounded LRU beside the encodings.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import logging
 import re
@@ -401,7 +402,7 @@ def _load_tokenizer(path_or_id: str, model_type: str):
         if model_type in T5_FAMILY:  # the reference's tokenizer class; mT5 and UMT5 ship the same kind
             tokenizer = transformers.T5Tokenizer.from_pretrained(path_or_id)
         else:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path_or_id)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path_or_id, **_tokenizer_kwargs(path_or_id))
         if not callable(tokenizer):  # seen: transformers 4.46 returns False for an unreadable spiece.model
             raise ValueError(f"transformers returned {tokenizer!r} for it")
     except Exception as exc:  # transformers and sentencepiece raise many types here, varying by version
@@ -414,6 +415,21 @@ def _load_tokenizer(path_or_id: str, model_type: str):
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def _tokenizer_kwargs(path_or_id: str) -> dict:
+    """A folder with a sentencepiece ``tokenizer.model`` but no ``tokenizer.json`` is read by its slow tokenizer on
+    transformers before 4.46: older ones build the fast tokenizer by converting the sentencepiece model, and for
+    Llama-style models 4.30 (A1111 1.10's) gives other ids than sentencepiece itself ("a": [92, 95] instead of [3]),
+    so the LLM would read other tokens than it was trained on. Later versions convert it faithfully."""
+    import transformers
+
+    folder = Path(path_or_id).expanduser()
+    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    sentencepiece_only = (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file()
+    if (major, minor) < (4, 46) and sentencepiece_only:
+        return {"use_fast": False}
+    return {}
 
 
 def _check_vocabulary(tokenizer, path_or_id: str) -> None:
@@ -439,12 +455,71 @@ def _load_model(path_or_id: str, config, dtype: torch.dtype):
     else:
         cls = transformers.AutoModel
     try:
-        return cls.from_pretrained(path_or_id, config=config, use_safetensors=True, **_dtype_kwargs(dtype))
+        with _loading_classmethods_intact():
+            model = cls.from_pretrained(path_or_id, config=config, use_safetensors=True, **_dtype_kwargs(dtype))
     except Exception as exc:  # transformers and safetensors raise many types here, varying by version
         raise TextEncoderError(
             f"The weights of {path_or_id!r} could not be loaded ({exc}). Text encoders load from .safetensors "
             "files only; if the folder has only pytorch_model.bin, convert it or download the safetensors release."
         ) from exc
+    _check_weights_landed(model, path_or_id)
+    return model
+
+
+@contextlib.contextmanager
+def _loading_classmethods_intact():
+    """transformers' ``PreTrainedModel`` loading classmethods as transformers defines them, for one load.
+
+    AUTOMATIC1111 1.10 swaps ``PreTrainedModel._load_pretrained_model`` while it loads a checkpoint
+    (``modules/sd_disable_initialization.py``) and then sets back what ``getattr`` gave it: a method bound to
+    ``PreTrainedModel`` instead of the classmethod. Every later ``from_pretrained`` then loads as ``PreTrainedModel``
+    (no ``base_model_prefix``), so a ``*ForCausalLM`` folder's ``model.``-prefixed weights land nowhere and a Llama,
+    Qwen or Phi keeps its random initialisation, silently (T5 folders need no prefix and load). A bound method found
+    on the class is made a classmethod again for this load, and put back as found afterwards."""
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    broken = {name: value for name, value in vars(PreTrainedModel).items()
+              if inspect.ismethod(value) and value.__self__ is PreTrainedModel}
+    for name, value in broken.items():
+        setattr(PreTrainedModel, name, classmethod(value.__func__))
+    try:
+        yield
+    finally:
+        for name, value in broken.items():
+            setattr(PreTrainedModel, name, value)
+
+
+def _check_weights_landed(model, path_or_id: str) -> None:
+    """The smallest matrix of a local folder's weights file, compared with the loaded model's: a load that left the
+    model at its random initialisation (a patched loader, a renamed checkpoint layout) fails here instead of giving
+    wrong images without a word. (Matrices only: a norm's weights may equal their initial ones.)"""
+    folder = Path(path_or_id).expanduser()
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return
+    from safetensors import safe_open
+
+    state = model.state_dict()
+    with safe_open(str(files[0]), framework="pt") as f:
+        candidates = []
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            shape = f.get_slice(key).get_shape()
+            names = [name for name in state if key == name or key.endswith("." + name) or name.endswith("." + key)]
+            if len(shape) == 2 and len(names) == 1 and state[names[0]].is_floating_point():
+                candidates.append((shape[0] * shape[1], key, names[0]))
+        if not candidates:
+            return
+        _, key, name = min(candidates)
+        loaded, saved = state[name], f.get_tensor(key)
+    if loaded.shape == saved.shape and torch.allclose(loaded.float(), saved.to(loaded.dtype).float(), rtol=1e-3,
+                                                      atol=1e-3):
+        return
+    raise TextEncoderError(
+        f"The weights of {folder.name} did not load: its {name} differs from {files[0].name}'s {key} (the model kept "
+        "its random initialisation). Another extension or the WebUI may have patched transformers' loading; restart "
+        "the WebUI, and report it with the list of your extensions.")
 
 
 def token_limit(config, tokenizer) -> int:

@@ -425,3 +425,55 @@ def test_token_weights_bad_input(t5):
     with pytest.raises(InputError, match="finite and at least 0"):
         t5.token_weights("red cube", [1.0, -2.0])
     assert t5.token_weights("", [], max_length=None).tolist() == [1.0]  # EOS alone
+
+
+@pytest.fixture
+def a1111_after_a_checkpoint_load():
+    """What AUTOMATIC1111 1.10 leaves behind after every checkpoint load (modules/sd_disable_initialization.py): its
+    replacement of PreTrainedModel._load_pretrained_model is undone with ``setattr(cls, name, getattr(cls, name))``
+    as read before, i.e. a method bound to PreTrainedModel where transformers has a classmethod."""
+    from transformers import PreTrainedModel
+
+    name = "_load_pretrained_model"
+    real = vars(PreTrainedModel)[name]
+    original = getattr(PreTrainedModel, name)  # the host's ReplaceHelper.replace: getattr, then setattr
+    setattr(PreTrainedModel, name, lambda *args, **kwargs: None)
+    setattr(PreTrainedModel, name, original)  # ... and its restore
+    yield
+    setattr(PreTrainedModel, name, real)
+
+
+def _embedding_of_file(folder):
+    return load_file(str(folder / "model.safetensors"))["model.embed_tokens.weight"]
+
+
+def test_a_decoder_llm_loads_its_weights_after_a1111_loaded_a_checkpoint(tiny_llama_dir,
+                                                                          a1111_after_a_checkpoint_load):
+    from transformers import PreTrainedModel
+
+    encoder = load_text_encoder(tiny_llama_dir, "cpu", torch.float32)
+    assert torch.equal(encoder.model.get_input_embeddings().weight, _embedding_of_file(tiny_llama_dir))
+    assert type(vars(PreTrainedModel)["_load_pretrained_model"]) is not classmethod  # the host's state, as found
+
+
+def test_weights_that_did_not_load_are_refused(tiny_llama_dir, monkeypatch):
+    """Whatever the cause (here a loader that builds the model without reading the file), an LLM left at its random
+    initialisation is refused by name instead of giving wrong features."""
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained",
+                        lambda path, config=None, **kwargs: transformers.AutoModel.from_config(config))
+    with pytest.raises(TextEncoderError, match=r"weights of tiny-llama did not load.*random initialisation"):
+        load_text_encoder(tiny_llama_dir, "cpu", torch.float32)
+
+
+def test_a_sentencepiece_llm_reads_sentencepieces_own_ids(tiny_llama_dir):
+    """A folder with tokenizer.model and no tokenizer.json: the ids are the sentencepiece model's on every
+    transformers (4.30's converted fast tokenizer gives others for Llama-style models)."""
+    import sentencepiece as spm
+
+    text = "a red book and a yellow vase"
+    pieces = spm.SentencePieceProcessor(model_file=str(tiny_llama_dir / "tokenizer.model"))
+    encoder = load_text_encoder(tiny_llama_dir, "cpu", torch.float32)
+    ids = encoder.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids == pieces.encode(text), (ids, pieces.encode(text))

@@ -204,7 +204,8 @@ def test_auto_precision_on_cuda_is_the_connectors_trained_dtype_and_a_chosen_one
     shared.opts.ella_llm_dtype = "auto"
     assert settings.llm_dtype(cuda, bf16) == torch.bfloat16
     assert settings.llm_dtype(cuda, official) == torch.float16  # the official connector's, as before
-    assert settings.llm_dtype(cuda, read_training_facts(folder / "llama-layer-2.safetensors")) == torch.float32
+    # trained on fp32 features (a CPU run): fp16 on CUDA, not twice the LLM's memory
+    assert settings.llm_dtype(cuda, read_training_facts(folder / "llama-layer-2.safetensors")) == torch.float16
     assert settings.llm_dtype(cpu, bf16) == torch.float32  # no fast half precision on a CPU
     for choice, dtype in (("fp16", torch.float16), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
         shared.opts.ella_llm_dtype = choice

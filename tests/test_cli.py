@@ -144,7 +144,8 @@ def _llama_hidden(folder, layer: int, fixed: int | None):
 
     from ella_ext.cli import SAMPLE_PROMPT
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    # sentencepiece's own ids on every transformers (4.30's fast one gives others)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=False)
     tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "right"
     length = {"padding": "max_length", "max_length": fixed} if fixed else {"max_length": 64}
     tokens = tokenizer([SAMPLE_PROMPT], return_tensors="pt", truncation=True, **length)

@@ -143,7 +143,8 @@ def test_encodings_of_many_prompts_hold_no_gpu_memory(tiny_t5_dir):
 def test_decoder_only_hidden_state_of_chosen_layer(tiny_llama_dir):
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    # sentencepiece's own ids on every transformers (4.30's fast one gives others)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir), use_fast=False)
     model = AutoModel.from_pretrained(str(tiny_llama_dir)).eval()
     for layer in (-1, 1):
         encoder = load_text_encoder(tiny_llama_dir, layer=layer)
@@ -331,10 +332,18 @@ def test_t5_tokens_align_with_words(t5, text):
 
 @pytest.fixture(scope="module")
 def llamas(tiny_llama_dir):
-    """The tiny Llama with the tokenizer AutoTokenizer picks (fast where it can) and with the slow one."""
+    """The tiny Llama with the fast tokenizer and with the slow one (the encoder picks the slow one on transformers
+    before 4.46 for a folder without tokenizer.json, the fast one after)."""
+    import copy
+
     import transformers
 
     fast = load_text_encoder(tiny_llama_dir)
+    if not getattr(fast.tokenizer, "is_fast", False):
+        fast = copy.copy(fast)
+        fast.tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny_llama_dir), use_fast=True)
+        fast.tokenizer.pad_token = fast.tokenizer.eos_token
+        fast.tokenizer.padding_side = "right"
     slow = load_text_encoder(tiny_llama_dir)
     if hasattr(transformers, "LlamaTokenizer") and getattr(fast.tokenizer, "is_fast", False):
         try:

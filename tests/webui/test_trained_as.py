@@ -68,7 +68,8 @@ def llama_row(tiny_llama_dir):
     transformers' own hidden state ``layer`` of the tiny Llama (``output_hidden_states``), then the connector."""
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    # sentencepiece's own ids on every transformers (4.30's fast one gives others)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir), use_fast=False)
     tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "right"
     model = AutoModel.from_pretrained(str(tiny_llama_dir)).float().eval()
 

@@ -1,4 +1,4 @@
-"""Training throughput: one TSC training step (``ella_ext.train.loop.compute_loss`` + backward + AdamW step, on
+"""Training throughput: one TSC training step (``ella_ext.train.objective.compute_loss`` + backward + AdamW step, on
 cached latents and features) against the floor no TSC trainer can beat: the bare frozen UNet's forward and backward
 at the same batch, with a context that needs a gradient (the gradient enters at the cross-attention and flows back
 through the whole UNet either way). Both in one run, alternating, after a warm-up.
@@ -53,8 +53,8 @@ def main() -> None:
     from diffusers import DDPMScheduler
 
     from ella_ext.train.feed import Inputs
-    from ella_ext.train.loop import compute_loss
     from ella_ext.train.model import connector_config  # noqa: F401  (the shape rules the trainer uses)
+    from ella_ext.train.objective import compute_loss
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -199,8 +199,8 @@ def pair_llm(facts, width: int, llms: list[LLMFolder]) -> tuple[LLMFolder | None
 def check_folder(models_dir: Path, device_name: str, dtype_name: str | None, out=print) -> int:
     """Every connector and every text encoder of a models folder, each reported; 1 if any is bad, 2 if none."""
     from . import connector_file, load_text_encoder
+    from .llm_files import is_t5_family, read_encoder_config
     from .model_files import ModelPaths, list_connectors, list_text_encoders
-    from .text_encoders import is_t5_family, read_encoder_config
 
     paths = ModelPaths.from_models_root(models_dir)
     connectors = [e for e in list_connectors(paths).values() if e.available]

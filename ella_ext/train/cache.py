@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ELLAError
+from .batches import make_buckets, pick_bucket
 from .config import Config
 from .data import (
     DataError,
@@ -43,8 +44,6 @@ from .data import (
     jsonl_caption,
     jsonl_rows,
     list_sources,
-    make_buckets,
-    pick_bucket,
     prepare_image,
     shard_urls,
     short_error,

@@ -111,10 +111,8 @@ def _cache(config, force: bool) -> int:
 
         raise ConfigError("[train] cache is empty: set it to the folder the cache goes in.")
     from .data import preflight
-    from .loop import check_source_paths
 
-    check_source_paths(config)  # before any model loads
-    preflight(config)
+    preflight(config)  # the data's paths and captions, before any model loads
     accelerator = make_accelerator(config)
     if force and accelerator.is_main_process and folder.exists():
         shutil.rmtree(folder)
@@ -150,7 +148,7 @@ def _sample(config, args) -> int:
     accelerator = make_accelerator(config)
     device = accelerator.device
     connector = load_connector(args.connector, device, torch.float32)  # a bad file fails before the base loads
-    config = as_trained(config, args.connector)
+    config = config_as_trained(config, args.connector)
     base = load_base(config, device, weight_dtype(config))
     check_connector_fits_base(args.connector, connector, base)
     encoder = load_encoder(config, device)
@@ -165,7 +163,7 @@ def _sample(config, args) -> int:
     return 0
 
 
-def as_trained(config, path: Path):
+def config_as_trained(config, path: Path):
     """The config with [model] llm_layer, token_length and max_length as the connector file says it was trained (so
     a connector is sampled as the WebUI runs it); each change is logged. Its LLM is the config's: a different one is
     only warned about."""

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from ..errors import TextEncoderError
+from .batches import make_buckets, pick_bucket
 from .config import Config
-from .data import Skipped, iter_shard, list_sources, make_buckets, pick_bucket
+from .data import Skipped, iter_shard, list_sources
 from .model import BaseModelError, refuse_pickle
 from .summary import duration_text, size_text, weights_memory
 
@@ -28,7 +29,7 @@ def _meta_sizes(config: Config) -> dict[str, int]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoConfig, AutoModel, CLIPTextConfig, CLIPTextModelWithProjection
 
-    from ..text_encoders import T5_FAMILY
+    from ..llm_files import T5_FAMILY
     from .model import _config_folder, _single_file_family, is_single_file
 
     base = config.resolve(config.model["base"])
@@ -83,7 +84,7 @@ def _meta_sizes(config: Config) -> dict[str, int]:
 
 
 def estimate(config: Config, measure: bool = True, measure_steps: int = 3) -> dict:
-    from ..text_encoders import load_tokenizer
+    from ..llm_files import load_tokenizer
     from .model import connector_config
     from .runtime import llm_dtype
 
@@ -140,8 +141,8 @@ def _meta_connector(shape):
 def _measure(config: Config, steps: int) -> dict:
     """Time real training steps (random latents, features and timesteps) at the config's batch and resolution."""
     from .feed import Inputs
-    from .loop import compute_loss, make_optimizer
     from .model import connector_config, init_connector, load_base
+    from .objective import compute_loss, make_optimizer
     from .runtime import load_encoder, make_accelerator, peak_lr, weight_dtype
 
     accelerator = make_accelerator(config)

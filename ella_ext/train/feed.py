@@ -10,22 +10,18 @@ from pathlib import Path
 
 import torch
 
+from .batches import ListedPlan, make_buckets, pick_bucket, sample_seed, stream_batches
 from .config import Config, ConfigError
 from .data import (
     EXAMPLES,
     SKIPPED_FILE,
     DataError,
-    ListedPlan,
     Skipped,
     list_sources,
-    make_buckets,
-    pick_bucket,
     prepare_image,
     refuse_mixed_sources,
-    sample_seed,
     short_error,
     source_kinds,
-    stream_batches,
     write_skipped,
 )
 from .runtime import token_max_length

@@ -1,5 +1,5 @@
-"""The training loop: accelerate (DDP over the TSC only), the loss, the optimiser, checkpoints, resume, metrics,
-samples.
+"""The training run: accelerate (DDP over the TSC only), the output folder claimed, models and data set up, the steps
+(loss and learning rate from objective.py), checkpoints, resume, metrics, samples.
 
 Determinism: every random draw of a sample (caption dropout, timestep, noise) comes from a generator seeded by
 (seed, micro-batch number, position in the global batch), and the data order from (seed, epoch). So a run resumed at
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..connector import Connector
 from ..errors import ELLAError
@@ -47,7 +46,8 @@ from .checkpoints import (
 )
 from .config import Config, ConfigError, write_run_config
 from .data import preflight
-from .feed import Inputs, make_data, make_inputs
+from .feed import make_data, make_inputs
+from .objective import compute_loss, lr_at, make_optimizer
 from .runtime import llm_dtype, load_encoder, make_accelerator, peak_lr, set_threads, weight_dtype
 from .summary import duration_text, summary_lines, training_record
 
@@ -64,37 +64,6 @@ class Result:
     interrupted: bool
     connector: Path | None
     checkpoint: Path | None
-
-
-# -- one micro-batch's loss ---------------------------------------------------------------------------------------
-
-
-def compute_loss(connector, base, inputs: Inputs, accelerator, min_snr_gamma: float = 0.0) -> torch.Tensor:
-    """The diffusion MSE on the UNet's prediction (the paper's loss); with ``min_snr_gamma`` each sample's MSE is
-    weighted by min(SNR, gamma) / SNR for epsilon targets, min(SNR, gamma) / (SNR + 1) for v targets (Min-SNR,
-    Hang et al. 2023, arXiv 2303.09556), which keeps the low-noise steps from dominating."""
-    from .model import target_of
-
-    dtype = base.unet.dtype
-    scheduler = base.scheduler
-    noisy = scheduler.add_noise(inputs.latents, inputs.noise, inputs.timesteps)
-    target = target_of(base, inputs.latents, inputs.noise, inputs.timesteps)
-    with accelerator.autocast():
-        context = connector(inputs.features, inputs.timesteps.float(), inputs.mask)
-        prediction = base.unet(noisy.to(dtype), inputs.timesteps, encoder_hidden_states=context.to(dtype),
-                               added_cond_kwargs=base.added_conditions(inputs.pooled, inputs.time_ids, dtype)).sample
-    if not min_snr_gamma:
-        return F.mse_loss(prediction.float(), target.float())
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * min_snr_weights(base, inputs.timesteps, min_snr_gamma)).mean()
-
-
-def min_snr_weights(base, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample Min-SNR weights at these training timesteps (SNR = alpha_bar / (1 - alpha_bar))."""
-    alpha_bar = base.scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-    snr = alpha_bar / (1.0 - alpha_bar)
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1.0) if base.prediction == "v_prediction" else clipped / snr
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
@@ -135,33 +104,6 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def lr_at(config: Config, step: int, peak: float) -> float:
-    """The learning rate of optimiser step ``step`` (0-based): a linear warm-up over warmup_steps (step 0 gets
-    peak / warmup_steps), then [train] lr_schedule: constant, or a cosine or linear decay that reaches 0 at
-    [train] steps. A function of the step alone, so a resumed run needs no scheduler state."""
-    warmup, steps = config.train["warmup_steps"], config.train["steps"]
-    if warmup and step < warmup:
-        return peak * (step + 1) / warmup
-    schedule = config.train["lr_schedule"]
-    if schedule == "constant":
-        return peak
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    if schedule == "cosine":
-        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return peak * (1.0 - progress)
-
-
-def make_optimizer(config: Config, params, lr: float):
-    if config.train["optimizer"] == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as exc:
-            raise ConfigError("[train] optimizer = 'adamw8bit' needs bitsandbytes: pip install bitsandbytes "
-                              "(CUDA only), or use 'adamw'.") from exc
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=config.train["weight_decay"])
-    return torch.optim.AdamW(params, lr=lr, weight_decay=config.train["weight_decay"])
-
-
 def train(config: Config, resume: str | None = None, on_step: Callable[[int, Connector], None] | None = None,
           overwrite: bool = False) -> Result:
     """Train the TSC as the config says; returns where things were written.
@@ -171,10 +113,9 @@ def train(config: Config, resume: str | None = None, on_step: Callable[[int, Con
     ``overwrite`` deletes it); the folder is locked for the run's lifetime."""
     accelerator = make_accelerator(config, trackers=True)
     threads = set_threads(config, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), accelerator.device)
-    check_source_paths(config)
-    preflight(config)
-    lock = _claim_output(accelerator, config, resume, overwrite)
-    run = _Run(config, accelerator, resolve_resume(config.output, resume) if resume else None, on_step, lock)
+    preflight(config)  # the data's paths and captions, before any model loads
+    lock, checkpoint = _claim_output(accelerator, config, resume, overwrite)
+    run = _Run(config, accelerator, checkpoint, on_step, lock)
     try:
         log.info("ELLA train: %s", threads)
         return run.run()
@@ -183,33 +124,18 @@ def train(config: Config, resume: str | None = None, on_step: Callable[[int, Con
             run.lock.release()
 
 
-def check_source_paths(config: Config) -> None:
-    """Every [[data.sources]] path exists (or names shards that do), checked before any model loads."""
-    from .data import DataError, shard_urls, source_kind
-
-    if not config.sources:
-        raise DataError("The config has no [[data.sources]]: add at least one with a path to your images.")
-    for source in config.sources:
-        path = Path(config.resolve(source.path))
-        if source_kind(path) != "shards" or "://" in str(path) or str(path).startswith("pipe:"):
-            continue
-        missing = [url for url in shard_urls(str(path)) if not Path(url).is_file()]
-        if missing or not shard_urls(str(path)):
-            raise DataError(f"[[data.sources]] path = {source.path!r}: "
-                            + (f"no such shard {missing[0]}" if missing else "it names no .tar shards")
-                            + ". Give existing .tar shards, a folder of them, or a folder of images.")
-
-
-def _claim_output(accelerator, config: Config, resume: str | None, overwrite: bool) -> OutputLock | None:
+def _claim_output(accelerator, config: Config, resume: str | None,
+                  overwrite: bool) -> tuple[OutputLock | None, Path | None]:
     """The main process locks the output folder, finds the checkpoint to resume from and checks it may train there;
-    every process stops if it cannot."""
+    every process stops if it cannot. Returns the lock (the main process's) and the checkpoint (every process's)."""
     output = config.output
-    lock, error = None, None
+    lock, checkpoint, error = None, None, None
     if accelerator.is_main_process:
         try:
             lock = OutputLock(output)
             lock.acquire()
-            check_output(output, resolve_resume(output, resume) if resume else None, overwrite, keep=config.path)
+            checkpoint = resolve_resume(output, resume) if resume else None
+            check_output(output, checkpoint, overwrite, keep=config.path)
         except (ELLAError, OSError) as exc:
             if lock is not None:
                 lock.release()
@@ -219,7 +145,9 @@ def _claim_output(accelerator, config: Config, resume: str | None, overwrite: bo
                 "be made and written.")
     if _agree(accelerator, error is not None):
         raise error or ConfigError(f"The main process could not use {output} (its message says why).")
-    return lock
+    if resume and checkpoint is None:  # the other processes: the same folder, now checked and locked
+        checkpoint = resolve_resume(output, resume)
+    return lock, checkpoint
 
 
 class _Run:
@@ -459,8 +387,7 @@ class _Run:
             except ConfigError as exc:
                 self.lock = None
                 raise OSError(str(exc)) from exc
-        if hasattr(self, "record"):  # (after setup) the run's config went with the folder too
-            self._write_run_config()
+        self._write_run_config()  # the run's config went with the folder too
         if not self._output_missing_reported and self.main and self.state.step:
             self._output_missing_reported = True
             log.warning("ELLA train: the output folder %s was deleted during the run; it was made again (files "

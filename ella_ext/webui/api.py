@@ -79,7 +79,7 @@ def count_tokens(text: str, text_encoder: str | None = None) -> dict[str, Any]:
 
 
 def _tokenizer(name: str) -> tuple[Any, int, threading.Lock]:
-    from ..text_encoders import load_tokenizer_and_limit
+    from ..llm_files import load_tokenizer_and_limit
 
     with _tokenizers_lock:
         if name in _tokenizers:

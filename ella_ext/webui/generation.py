@@ -153,7 +153,7 @@ def start(p, args: Sequence[Any]) -> Generation | None:
             loaded.connector, loaded.encoder, max_length=options.fixed_length,
             cache_entries=int(settings.get("ella_tsc_cache")),
         )
-        for warning in (llm_mismatch(options.connector, loaded.connector_path, options.text_encoder),
+        for warning in (llm_mismatch(options.connector, loaded.facts.llm, options.text_encoder),
                         token_mismatch(options.connector, options, loaded.facts)):
             if warning:
                 log.warning("ELLA: %s", warning)

@@ -107,9 +107,9 @@ def connector_facts(connector: str) -> TrainingFacts:
         return TrainingFacts()
 
 
-def llm_mismatch(connector: str, connector_path: Path, text_encoder: str) -> str:
-    """A warning when the connector names the LLM it was trained with and another one was chosen; "" otherwise."""
-    trained = connector_llm(connector_path)
+def llm_mismatch(connector: str, trained: str | None, text_encoder: str) -> str:
+    """A warning when the connector names the LLM it was trained with (``trained``, from its file) and another one
+    was chosen; "" otherwise."""
     if not trained or _llm_key(trained) == _llm_key(text_encoder):
         return ""
     return (f"the connector {infotext_name(connector)} was trained with the LLM {trained}, not "
@@ -167,7 +167,7 @@ def describe_choice(connector: str, text_encoder: str) -> str:
     elif not entry.available:
         lines.append(f"The connector {entry.name} is missing and downloads are off: download "
                      f"{model_files.official_connector_url()} into {paths.connectors}.")
-    elif (mismatch := llm_mismatch(connector, entry.path, text_encoder)):
+    elif (mismatch := llm_mismatch(connector, connector_llm(entry.path), text_encoder)):
         lines.append(mismatch[0].upper() + mismatch[1:] + ".")
     encoder = model_files.list_text_encoders(paths).get(text_encoder)
     if encoder is None:

@@ -9,8 +9,9 @@ import tarfile
 
 import pytest
 
+from ella_ext.train.batches import ListedPlan, make_buckets, pick_bucket, stream_batches
 from ella_ext.train.config import ConfigError, load_config
-from ella_ext.train.data import DataError, ListedPlan, Skipped, list_sources, make_buckets, pick_bucket, stream_batches
+from ella_ext.train.data import DataError, Skipped, list_sources
 from ella_ext.train.loop import train
 
 from .conftest import CAPTIONS, make_caption_folder, make_image, needs_extras, write_config

@@ -21,8 +21,9 @@ from ella_ext.connector_file import META_TRAINING, read_metadata
 from ella_ext.train.checkpoints import LOCK_NAME, OutputLock
 from ella_ext.train.cli import main
 from ella_ext.train.config import ConfigError, load_config
-from ella_ext.train.loop import TrainingStopped, lr_at, min_snr_weights, train
+from ella_ext.train.loop import TrainingStopped, train
 from ella_ext.train.model import BaseModelError
+from ella_ext.train.objective import lr_at, min_snr_weights
 
 from .conftest import needs_extras, write_config
 
@@ -369,8 +370,8 @@ def test_min_snr_weights_follow_the_formula(tmp_path, sd15_base, tiny_t5_dir, im
 
 def test_min_snr_weights_each_samples_loss(tmp_path, sd15_base, images8, tiny_t5_dir):
     from ella_ext.train.feed import Inputs
-    from ella_ext.train.loop import compute_loss
     from ella_ext.train.model import connector_config, init_connector, load_base
+    from ella_ext.train.objective import compute_loss
     from ella_ext.train.runtime import load_encoder, make_accelerator
 
     config = _config(tmp_path, sd15_base, images8, tiny_t5_dir)

@@ -24,8 +24,9 @@ from ella_ext.connector_file import (
 )
 from ella_ext.train.config import load_config
 from ella_ext.train.feed import Inputs
-from ella_ext.train.loop import compute_loss, train
+from ella_ext.train.loop import train
 from ella_ext.train.model import init_connector, load_base
+from ella_ext.train.objective import compute_loss
 from ella_ext.train.runtime import load_encoder, make_accelerator
 
 from .conftest import CAPTIONS, needs_extras, write_config

@@ -1,4 +1,4 @@
-"""``python -m ella_ext.train {train,cache,sample,estimate} --config run.toml`` (also under ``accelerate launch -m
+"""``python -m ella_ext.train {train,cache,sample,estimate,eval} --config run.toml`` (also under ``accelerate launch -m
 ella_ext.train`` and ``torchrun -m ella_ext.train``)."""
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "prompts)")
     sample.add_argument("--out", type=Path, help="folder for the images (default: [train] output/samples); an "
                                                  "image already there is never replaced")
+    _eval_parser(sub)
     estimate = sub.add_parser("estimate", help="cache size, memory per device and time per step",
                               description="Count the data, size the cache and the memory the models, TSC and "
                                           "optimiser take, and time a few real training steps on random inputs.")
@@ -64,6 +65,37 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--no-measure", action="store_true", help="skip the timed steps (nothing is loaded)")
     estimate.add_argument("--measure-steps", type=int, default=3, help="timed micro-batches (default 3)")
     return parser
+
+
+def _eval_parser(sub) -> None:
+    evaluate = sub.add_parser(
+        "eval", help="score connectors (and the base model) on DPG-Bench-style questions",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Make --images-per-prompt images per prompt with each connector (and, with --baseline, with the "
+                    "base's own CLIP), the same seeds for all; ask the judge every question about every image; score "
+                    "by DPG-Bench's rule. Writes eval.json, answers.jsonl, images/ and report.html in --output. Run "
+                    "the same command again to continue an interrupted eval.",
+        epilog="DPG-Bench's questions: dpg_bench/dpg_bench.csv in github.com/TencentQQGYLab/ELLA. Several GPUs: "
+               "accelerate launch -m ella_ext.train eval ... (prompts are split across processes).")
+    _config_args(evaluate)
+    evaluate.add_argument("--connector", action="append", default=[], type=Path, metavar="FILE",
+                          help="a connector .safetensors to score (repeatable)")
+    evaluate.add_argument("--baseline", action="store_true", help="also score the base model with its own text "
+                                                                   "encoder (CLIP), on the same seeds")
+    evaluate.add_argument("--questions", required=True, type=Path, help="DPG-Bench's dpg_bench.csv, or a .jsonl "
+                                                                         "question file of your own")
+    evaluate.add_argument("--vqa", required=True, metavar="JUDGE",
+                          help="the judge: a transformers VQA model or image-text-to-text VLM (folder or hub id), "
+                               "or module:function, a Python f(image, question) -> str importable from here")
+    evaluate.add_argument("--images-per-prompt", type=int, default=4, metavar="N", help="images per prompt "
+                                                                                         "(default 4, as DPG-Bench)")
+    evaluate.add_argument("--limit", type=int, metavar="N", help="only the first N prompts")
+    evaluate.add_argument("--output", required=True, type=Path, help="the eval's folder")
+    evaluate.add_argument("--official-quirks", action="store_true",
+                          help="score as DPG-Bench's own script does (its first CSV row skipped; categories from "
+                               "the last image's answers before the parent rule), to compare with published tables")
+    evaluate.add_argument("--judge-batch", type=int, default=16, metavar="N",
+                          help="questions the judge answers at once (default 16)")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -91,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         return _cache(config, args.force)
     if args.command == "sample":
         return _sample(config, args)
+    if args.command == "eval":
+        return _eval(config, args)
     from .estimate import estimate, format_report
 
     report = estimate(config, measure=not args.no_measure, measure_steps=max(1, args.measure_steps))
@@ -160,6 +194,29 @@ def _sample(config, args) -> int:
         path = save_sample(image, free_path(out, f"{args.connector.stem}-{i}"), config, prompts[i], i,
                            args.connector.name)
         print(path)
+    return 0
+
+
+def _eval(config, args) -> int:
+    from ..evaluate.run import evaluate
+    from .config import ConfigError
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit must be at least 1.")
+    try:
+        result = evaluate(config, args.connector, args.baseline, args.questions, args.vqa, args.images_per_prompt,
+                          args.limit, args.output, args.official_quirks, max(1, args.judge_batch))
+    except KeyboardInterrupt:
+        print(f"Interrupted. The images and answers made so far are kept in {args.output}: run the same command "
+              "again to continue.", file=sys.stderr)
+        return 130
+    if result is not None:
+        width = max(len(name) for name in result["results"])
+        print(f"{'':{width}}  overall  " + "  ".join(sorted(next(iter(result["results"].values()))["categories"])))
+        for name, scores in result["results"].items():
+            cells = "  ".join(f"{scores['categories'][c]:{len(c)}.2f}" for c in sorted(scores["categories"]))
+            print(f"{name:{width}}  {scores['overall']:7.2f}  {cells}")
+        print(f"Report: {args.output / 'report.html'}")
     return 0
 
 

@@ -4,6 +4,7 @@ reference's negative), the TSC evaluated at every step with that step's timestep
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,48 +41,72 @@ def encode_prompts(config: Config, base, encoder, prompts: list[str] | None = No
 
 @torch.no_grad()
 def generate(config: Config, base, connector: Connector, conditions: PromptConditions) -> list:
-    """One PIL image per prompt."""
+    """One PIL image per prompt (seed [sample] seed + the prompt's index)."""
+    images = []
+    for index, (features, mask) in enumerate(conditions.features):
+        pooled = None if conditions.pooled is None else conditions.pooled[index : index + 1]
+        context_at = connector_contexts(connector, (features, mask), conditions.empty, base.unet.device)
+        images += denoise(config, base, context_at, [config.sample["seed"] + index], pooled, conditions.empty_pooled,
+                          conditions.prompts[index])
+    return images
+
+
+def connector_contexts(connector: Connector, text, empty, device) -> Callable[[torch.Tensor], tuple]:
+    """The TSC's rows at a timestep for a text and for the empty text (the negative): ``t -> (cond, uncond)``."""
+
+    def at(timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        for features, mask in (text, empty):
+            rows.append(connector(features.to(device), timestep, None if mask is None else mask.to(device)))
+        return rows[0], rows[1]
+
+    return at
+
+
+@torch.no_grad()
+def denoise(config: Config, base, context_at: Callable[[torch.Tensor], tuple], seeds: list[int],
+            pooled: torch.Tensor | None, empty_pooled: torch.Tensor | None, prompt: str) -> list:
+    """Images of one prompt, one per seed, made together: DDIM with [sample] steps and guidance ([sample] cfg)
+    against the negative. ``context_at(timestep)`` gives the ``[1, T, W]`` rows of the prompt and of the negative at
+    that timestep; each image's noise comes from its own seed alone (a batch draws what single images draw)."""
     from diffusers import DDIMScheduler
-    from PIL import Image
 
     sample = config.sample
     side = sample["resolution"] or config.data["resolution"]
     scheduler = DDIMScheduler.from_config(base.scheduler.config, prediction_type=base.prediction,
                                           clip_sample=False, set_alpha_to_one=False)
     scheduler.set_timesteps(sample["steps"])
-    device, dtype = base.unet.device, base.unet.dtype
-    images = []
-    for index, (features, mask) in enumerate(conditions.features):
-        generator = torch.Generator().manual_seed(sample["seed"] + index)
-        shape = (1, base.unet.config.in_channels, side // base.vae_factor, side // base.vae_factor)
-        latents = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
-        added = None
-        if base.family == "sdxl":
-            pooled = torch.cat([conditions.empty_pooled, conditions.pooled[index : index + 1]])
-            time_ids = torch.tensor([[side, side, 0, 0, side, side]] * 2, dtype=torch.float32)
-            added = base.added_conditions(pooled, time_ids, dtype)
-        for t in scheduler.timesteps:
-            timestep = t.float().reshape(1).to(device)
-            cond = connector(features.to(device), timestep, None if mask is None else mask.to(device))
-            empty_features, empty_mask = conditions.empty
-            uncond = connector(empty_features.to(device), timestep,
-                               None if empty_mask is None else empty_mask.to(device))
-            context = torch.cat([uncond, cond]).to(dtype)
-            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t).to(dtype)
-            out = base.unet(model_in, t.to(device), encoder_hidden_states=context, added_cond_kwargs=added).sample
-            out_uncond, out_cond = out.float().chunk(2)
-            guided = out_uncond + sample["cfg"] * (out_cond - out_uncond)
-            latents = scheduler.step(guided, t, latents).prev_sample
-        pixels = base.decode_latents(latents)[0]
-        if not torch.isfinite(pixels).all():
-            log.warning("ELLA train: the sample for %r has non-finite pixels (shown black): the VAE overflowed in "
-                        "%s; set [model] vae_dtype = 'float32' or an fp16-fixed [model] vae.",
-                        conditions.prompts[index], str(base.vae.dtype).replace("torch.", ""))
-            pixels = torch.nan_to_num(pixels, nan=-1.0, posinf=1.0, neginf=-1.0)
-        pixels = pixels.clamp(-1, 1)
-        array = ((pixels + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-        images.append(Image.fromarray(array))
-    return images
+    device, dtype, count = base.unet.device, base.unet.dtype, len(seeds)
+    shape = (1, base.unet.config.in_channels, side // base.vae_factor, side // base.vae_factor)
+    latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+    latents = latents.to(device) * scheduler.init_noise_sigma
+    added = None
+    if base.family == "sdxl":
+        both = torch.cat([empty_pooled.expand(count, -1), pooled.expand(count, -1)])
+        time_ids = torch.tensor([[side, side, 0, 0, side, side]] * 2 * count, dtype=torch.float32)
+        added = base.added_conditions(both, time_ids, dtype)
+    for t in scheduler.timesteps:
+        cond, uncond = context_at(t.float().reshape(1).to(device))
+        context = torch.cat([uncond.expand(count, -1, -1), cond.expand(count, -1, -1)]).to(dtype)
+        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t).to(dtype)
+        out = base.unet(model_in, t.to(device), encoder_hidden_states=context, added_cond_kwargs=added).sample
+        out_uncond, out_cond = out.float().chunk(2)
+        guided = out_uncond + sample["cfg"] * (out_cond - out_uncond)
+        latents = scheduler.step(guided, t, latents).prev_sample
+    return [_to_image(base, base.decode_latents(latents[i : i + 1])[0], prompt) for i in range(count)]
+
+
+def _to_image(base, pixels: torch.Tensor, prompt: str):
+    from PIL import Image
+
+    if not torch.isfinite(pixels).all():
+        log.warning("ELLA train: the image for %r has non-finite pixels (shown black): the VAE overflowed in %s; set "
+                    "[model] vae_dtype = 'float32' or an fp16-fixed [model] vae.", prompt,
+                    str(base.vae.dtype).replace("torch.", ""))
+        pixels = torch.nan_to_num(pixels, nan=-1.0, posinf=1.0, neginf=-1.0)
+    pixels = pixels.clamp(-1, 1)
+    array = ((pixels + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
 
 
 def sample_parameters(config: Config, prompt: str, index: int, connector: str) -> str:

@@ -1,0 +1,316 @@
+"""``python -m ella_ext.train eval`` end to end on tiny models: two checkpoints of a run and the baseline scored on a
+question file by a ``module:function`` judge, every output written; the same seeds for every contestant; resume after
+an interrupt (while making images and while judging) without redoing work; two processes give one process's
+result; SDXL's baseline and pooled path; the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ella_ext.evaluate import run as eval_run
+from ella_ext.evaluate.questions import read_questions
+from ella_ext.evaluate.scoring import score
+from ella_ext.train.cli import main
+from ella_ext.train.config import load_config
+from ella_ext.train.loop import train
+
+from .conftest import make_base, needs_extras, write_clip_tokenizer, write_config
+
+needs_extras()
+
+ROOT = Path(__file__).resolve().parents[2]
+QUESTIONS = [
+    {"id": "shapes", "prompt": "a red square on a white background", "questions": [
+        {"id": 1, "question": "Is there a square?", "category": "entity - whole"},
+        {"id": 2, "question": "Is the square red?", "parents": [1], "category": "attribute - color"},
+        {"id": 3, "question": "Is the background white?", "category": "attribute - color"}]},
+    {"id": "dots", "prompt": "two blue dots side by side", "questions": [
+        {"id": 1, "question": "Are there dots?", "category": "entity - whole"},
+        {"id": 2, "question": "Are there two dots?", "parents": [1], "category": "other - count"}]},
+    {"id": "x/y", "prompt": "a yellow stripe", "questions": ["Is there a stripe?"]},
+]
+# The judge: yes when the image's mean brightness, offset by the question, is even: a deterministic function of
+# the image, so the test can answer every question again from the images on disk.
+JUDGE = '''
+import os
+CALLS = []
+
+def answer(image, question):
+    CALLS.append(question)
+    stop = os.environ.get("ELLA_TEST_STOP_AFTER")
+    if stop and len(CALLS) > int(stop):
+        raise KeyboardInterrupt
+    grey = image.convert("L")
+    value = sum(grey.tobytes()) // max(1, grey.width * grey.height)
+    return "Yes " if (value + len(question)) % 2 == 0 else "no"
+'''
+
+
+def add_text_encoders(folder: Path, family: str) -> Path:
+    """The base's own CLIP-L (and tokenizer), for --baseline: as wide as the context (SDXL: beside the tiny CLIP-G)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    write_clip_tokenizer(folder / "tokenizer")
+    width = 768 if family == "sd15" else 2048 - 16
+    torch.manual_seed(3)
+    config = CLIPTextConfig(vocab_size=60, hidden_size=width, intermediate_size=32, num_attention_heads=12 if
+                            family == "sd15" else 8, num_hidden_layers=2, max_position_embeddings=16,
+                            bos_token_id=53, eos_token_id=54, pad_token_id=54)
+    CLIPTextModel(config).save_pretrained(folder / "text_encoder")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def eval_setup(tmp_path_factory, images8, tiny_t5_dir):
+    """A tiny SD 1.5 base with its CLIP, a run's two checkpoints (steps 1 and 3), a question file, a judge."""
+    root = tmp_path_factory.mktemp("eval")
+    base = add_text_encoders(make_base(root / "base"), "sd15")
+    config_path = write_config(root / "run.toml", base=base, llm=tiny_t5_dir, images=images8, output=root / "run",
+                               train={"steps": 3, "save_every": 1, "lr": 1e-2},
+                               sample={"steps": 2, "resolution": 32, "cfg": 4.0, "seed": 11})
+    train(load_config(config_path))
+    questions = root / "questions.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    (root / "tiny_judge.py").write_text(JUDGE)
+    connectors = [root / "run" / "connector-step1.safetensors", root / "run" / "connector.safetensors"]
+    return {"root": root, "config": config_path, "questions": questions, "connectors": connectors}
+
+
+def _evaluate(setup, output, monkeypatch, **kwargs):
+    monkeypatch.chdir(setup["root"])  # module:function judges are imported from the working folder
+    sys.modules.pop("tiny_judge", None)
+    args = dict(connectors=setup["connectors"], baseline=True, questions=setup["questions"],
+                judge="tiny_judge:answer", images=2, output=output)
+    args.update(kwargs)
+    return eval_run.evaluate(load_config(setup["config"]), **args)
+
+
+def _answer_again(output: Path, records: list[dict]) -> dict:
+    """Each record's yes, recomputed from the image on disk by the judge's rule."""
+    from PIL import Image
+
+    def rule(image, question):
+        grey = image.convert("L")
+        value = sum(grey.tobytes()) // (grey.width * grey.height)
+        return (value + len(question)) % 2 == 0
+
+    return {(r["contestant"], r["item_id"], r["image"], r["question_id"]):
+            rule(Image.open(output / r["image_file"]), r["question"]) for r in records}
+
+
+@pytest.fixture(scope="module")
+def full(eval_setup, tmp_path_factory):
+    """One uninterrupted eval (the reference the resume and two-process tests compare with)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        output = tmp_path_factory.mktemp("full") / "eval"
+        content = _evaluate(eval_setup, output, monkeypatch)
+    return output, content
+
+
+def test_eval_writes_every_output_and_scores_by_the_rule(eval_setup, full):
+    output, content = full
+    names = ["connector-step1.safetensors", "connector.safetensors", "baseline"]
+    assert list(content["results"]) == names
+    on_disk = json.loads((output / "eval.json").read_text())
+    assert on_disk["results"] == content["results"]
+    for result in content["results"].values():
+        assert set(result) == {"overall", "categories", "subcategories", "prompts"}
+        assert set(result["prompts"]) == {"shapes", "dots", "x/y"}
+        assert set(result["categories"]) == {"entity", "attribute", "other"}
+    records = [json.loads(line) for line in (output / "answers.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 2 * (3 + 2 + 1)  # contestants x images x questions
+    assert {r["answer"] for r in records} <= {"Yes ", "no"}  # the raw answer, as the judge said it
+    assert all(r["yes"] == (r["answer"] == "Yes ") for r in records)
+    # the scores follow from the answers by the rule, and the answers from the images by the judge
+    again = _answer_again(output, records)
+    assert all(r["yes"] == again[(r["contestant"], r["item_id"], r["image"], r["question_id"])] for r in records)
+    items = read_questions(eval_setup["questions"]).items
+    for name in names:
+        answers = {}
+        for r in records:
+            if r["contestant"] == name:
+                answers.setdefault((r["item_id"], r["image"]), {})[r["question_id"]] = r["yes"]
+        assert content["results"][name] == score(items, answers, 2)
+    # same seeds for every contestant; the conditioning differs
+    seeds = {}
+    for r in records:
+        seeds.setdefault((r["item_id"], r["image"]), set()).add(r["seed"])
+    assert all(len(s) == 1 for s in seeds.values()) and len({next(iter(s)) for s in seeds.values()}) == 6
+    from PIL import Image
+
+    pixels = {name: [Image.open(output / r["image_file"]).tobytes() for r in records
+                     if r["contestant"] == name and r["question_id"] == 1] for name in names}
+    assert pixels["baseline"] != pixels["connector.safetensors"] != pixels["connector-step1.safetensors"]
+    assert len(list((output / "images").rglob("*.png"))) == 3 * 3 * 2
+    assert not list(output.rglob("*.partial"))
+    # the record of how it was made
+    assert content["judge"]["name"] == "tiny_judge:answer"
+    assert content["settings"]["images_per_prompt"] == 2 and content["settings"]["steps"] == 2
+    assert content["contestants"]["connector.safetensors"]["trained"]["steps"] == "3"
+    assert content["questions"]["prompts"] == 3 and "torch" in content["versions"]
+    report = (output / "report.html").read_text()
+    for name in names:
+        assert name in report
+    sources = [part.split("'")[0] for part in report.split("src='")[1:]]
+    assert len(sources) == 18 and all((output / s).is_file() for s in sources)
+    assert "Is the square red?" in report or "Is there a stripe?" in report  # some question failed somewhere
+
+
+def test_a_finished_eval_run_again_loads_nothing(eval_setup, full, tmp_path, monkeypatch):
+    import shutil
+
+    output, content = full
+    copy = tmp_path / "eval"
+    shutil.copytree(output, copy)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("no model should load: every image and answer is there")
+
+    monkeypatch.setattr("ella_ext.train.model.load_base", refuse)
+    monkeypatch.setattr("ella_ext.evaluate.judges.load_judge", refuse)
+    again = _evaluate(eval_setup, copy, monkeypatch)
+    assert again["results"] == content["results"]
+    assert (copy / "answers.jsonl").read_text() == (output / "answers.jsonl").read_text()
+
+
+def test_resume_after_interrupts_redoes_nothing(eval_setup, full, tmp_path, monkeypatch):
+    output = tmp_path / "eval"
+    saved = []
+    real_save = eval_run._Work._save_image
+
+    def save_then_stop(self, image, contestant, item, index):
+        if len(saved) == 7:
+            raise KeyboardInterrupt
+        real_save(self, image, contestant, item, index)
+        saved.append((contestant.key, item.id, index))
+
+    monkeypatch.setattr(eval_run._Work, "_save_image", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _evaluate(eval_setup, output, monkeypatch)
+    assert len(list((output / "images").rglob("*.png"))) == 7
+    monkeypatch.setattr(eval_run._Work, "_save_image", real_save)
+    made = []
+    import ella_ext.train.sample as sample  # eval imports denoise from here when it makes images
+
+    real = sample.denoise
+
+    def counting(config, base, context_at, seeds, *args):
+        made.extend(seeds)
+        return real(config, base, context_at, seeds, *args)
+
+    monkeypatch.setattr(sample, "denoise", counting)
+    monkeypatch.setenv("ELLA_TEST_STOP_AFTER", "10")  # now interrupt the judging after 10 answers
+    with pytest.raises(KeyboardInterrupt):
+        _evaluate(eval_setup, output, monkeypatch)
+    assert len(made) == 18 - 7  # only the images not made before
+    part = (output / "answers" / "part-0.jsonl").read_text().splitlines()
+    assert len(part) >= 6  # whole images' answers were written before the interrupt (10 calls: 6 + 3 + 1)
+    monkeypatch.delenv("ELLA_TEST_STOP_AFTER")
+    made.clear()
+    content = _evaluate(eval_setup, output, monkeypatch)
+    judge = sys.modules["tiny_judge"]
+    assert made == [] and len(judge.CALLS) == 36 - len(part)  # no image made again, no answer asked twice
+    full_output, full_content = full
+    assert content["results"] == full_content["results"]
+    assert (output / "answers.jsonl").read_text().replace(str(output), "") == \
+        (full_output / "answers.jsonl").read_text().replace(str(full_output), "")
+
+
+def test_changed_settings_make_new_images(eval_setup, full, tmp_path, monkeypatch):
+    import shutil
+
+    output, _ = full
+    copy = tmp_path / "eval"
+    shutil.copytree(output, copy)
+    made = []
+    import ella_ext.train.sample as sample
+
+    real = sample.denoise
+
+    def counting(config, base, context_at, seeds, *args):
+        made.extend(seeds)
+        return real(config, base, context_at, seeds, *args)
+
+    monkeypatch.setattr(sample, "denoise", counting)
+    config_text = eval_setup["config"].read_text().replace("steps = 2", "steps = 3")
+    changed = dict(eval_setup, config=tmp_path / "run.toml")
+    changed["config"].write_text(config_text.replace(str(eval_setup["root"] / "run"), str(tmp_path / "run")))
+    content = _evaluate(changed, copy, monkeypatch, baseline=False, connectors=eval_setup["connectors"][1:])
+    assert len(made) == 3 * 2 and list(content["results"]) == ["connector.safetensors"]
+    assert content["settings"]["steps"] == 3
+
+
+def test_two_processes_give_the_one_process_result(eval_setup, full, tmp_path):
+    output = tmp_path / "two"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node",
+               "2", "-m", "ella_ext.train", "eval", "--config", str(eval_setup["config"]), "--baseline",
+               "--questions", str(eval_setup["questions"]), "--vqa", "tiny_judge:answer", "--images-per-prompt", "2",
+               "--output", str(output)]
+    for connector in eval_setup["connectors"]:
+        command += ["--connector", str(connector)]
+    run = subprocess.run(command, cwd=eval_setup["root"], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, f"torchrun failed:\n{run.stdout[-4000:]}\n{run.stderr[-6000:]}"
+    assert run.stdout.count("Report:") == 1  # the main process reports; the other only worked
+    content = json.loads((output / "eval.json").read_text())
+    full_output, full_content = full
+    assert content["processes"] == 2
+    assert content["results"] == full_content["results"]
+    parts = sorted(p.name for p in (output / "answers").glob("part-*.jsonl"))
+    assert parts == ["part-0.jsonl", "part-1.jsonl"]  # both processes judged their share
+    assert (output / "answers.jsonl").read_text().replace(str(output), "") == \
+        (full_output / "answers.jsonl").read_text().replace(str(full_output), "")
+
+
+def test_sdxl_connector_and_baseline(tmp_path, tiny_t5_dir, images8, monkeypatch):
+    base = add_text_encoders(make_base(tmp_path / "xl", "sdxl"), "sdxl")
+    config_path = write_config(tmp_path / "run.toml", base=base, llm=tiny_t5_dir, images=images8,
+                               output=tmp_path / "run", train={"steps": 1, "lr": 1e-2},
+                               sample={"steps": 2, "resolution": 32, "seed": 1})
+    train(load_config(config_path))
+    (tmp_path / "tiny_judge.py").write_text(JUDGE)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps(QUESTIONS[0]) + "\n")
+    setup = {"root": tmp_path, "config": config_path, "questions": questions,
+             "connectors": [tmp_path / "run" / "connector.safetensors"]}
+    content = _evaluate(setup, tmp_path / "eval", monkeypatch, images=1)
+    assert list(content["results"]) == ["connector.safetensors", "baseline"]
+    from ella_ext.evaluate.baseline import load_base_text
+    from ella_ext.train.model import load_base
+
+    config = load_config(config_path)
+    xl = load_base(config, torch.device("cpu"), torch.float32)
+    rows, pooled = load_base_text(config, xl, torch.device("cpu"), torch.float32).encode("a red square")
+    assert rows.shape == (1, 16, 2048) and pooled.shape == (1, 32)
+    assert torch.equal(pooled, xl.pooled(["a red square"]))  # CLIP-G's pooled embedding, as training uses it
+
+
+def test_cli_eval_prints_the_table_and_refuses_bad_input(eval_setup, full, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    output, content = full
+    copy = tmp_path / "eval"
+    shutil.copytree(output, copy)
+    monkeypatch.chdir(eval_setup["root"])
+    common = ["eval", "--config", str(eval_setup["config"]), "--questions", str(eval_setup["questions"]),
+              "--images-per-prompt", "2", "--output", str(copy)]
+    connectors = [a for c in eval_setup["connectors"] for a in ("--connector", str(c))]
+    assert main([*common, *connectors, "--baseline", "--vqa", "tiny_judge:answer"]) == 0
+    out = capsys.readouterr().out
+    assert "overall" in out and "baseline" in out and f"{content['results']['baseline']['overall']:7.2f}" in out
+    assert main([*common, "--vqa", "tiny_judge:answer"]) == 2
+    assert "Nothing to score" in capsys.readouterr().err
+    assert main([*common, "--baseline", "--vqa", "no_such_module:answer"]) == 2
+    assert "no_such_module" in capsys.readouterr().err
+    assert main([*common, "--connector", str(tmp_path / "missing.safetensors"), "--vqa", "tiny_judge:answer"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main([*common, "--baseline", "--vqa", "tiny_judge:answer", "--official-quirks"]) == 2
+    assert "does not apply" in capsys.readouterr().err

@@ -314,3 +314,41 @@ def test_cli_eval_prints_the_table_and_refuses_bad_input(eval_setup, full, tmp_p
     assert "no such file" in capsys.readouterr().err
     assert main([*common, "--baseline", "--vqa", "tiny_judge:answer", "--official-quirks"]) == 2
     assert "does not apply" in capsys.readouterr().err
+
+
+def test_dpg_bench_csv_with_official_quirks_and_limit(eval_setup, full, tmp_path, monkeypatch):
+    """The same prompts as DPG-Bench's CSV: the images and answers are reused (same prompts, ids and questions); the
+    quirks drop the first row and the prompt depending on it; --limit keeps the first prompts."""
+    import csv
+    import shutil
+
+    output, content = full
+    copy = tmp_path / "eval"
+    shutil.copytree(output, copy)
+    path = tmp_path / "dpg_bench.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["item_id", "text", "keywords", "proposition_id", "dependency", "category_broad",
+                         "category_detailed", "tuple", "question_natural_language"])
+        for item in QUESTIONS:
+            for number, q in enumerate(item["questions"], 1):
+                q = q if isinstance(q, dict) else {"id": number, "question": q, "category": "other"}
+                parents = ",".join(str(p) for p in q.get("parents", [])) or "0"
+                writer.writerow([item["id"], item["prompt"], "", q["id"], parents, "", "",
+                                 f"{q['category']} (x)", q["question"]])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the images and answers of the same prompts and questions are reused")
+
+    monkeypatch.setattr("ella_ext.train.model.load_base", refuse)
+    monkeypatch.setattr("ella_ext.evaluate.judges.load_judge", refuse)
+    plain = _evaluate(eval_setup, copy, monkeypatch, questions=path)
+    assert plain["results"] == content["results"]  # the CSV says what the JSONL says
+    quirks = _evaluate(eval_setup, copy, monkeypatch, questions=path, official_quirks=True)
+    for name, result in quirks["results"].items():
+        assert set(result["prompts"]) == {"dots", "x/y"}  # "shapes" lost its first question, which others need
+        assert result["prompts"]["dots"] == content["results"][name]["prompts"]["dots"]
+    assert len(quirks["questions"]["notes"]) == 2
+    assert "official scorer quirks" in (copy / "report.html").read_text()
+    limited = _evaluate(eval_setup, copy, monkeypatch, questions=path, limit=1)
+    assert all(set(r["prompts"]) == {"shapes"} for r in limited["results"].values())

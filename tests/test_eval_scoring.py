@@ -174,3 +174,18 @@ def test_jsonl_problems_name_the_line(tmp_path, line, message):
     path.write_text(line + "\n")
     with pytest.raises(QuestionsError, match=message):
         read_questions(path)
+
+
+def test_paired_difference_by_hand():
+    from ella_ext.evaluate.scoring import paired_difference
+
+    a = {"p1": 50.0, "p2": 100.0, "p3": 0.0, "only_a": 100.0}
+    b = {"p1": 25.0, "p2": 75.0, "p3": 25.0}
+    result = paired_difference(a, b)
+    # differences 25, 25, -25: mean 25/3; sample variance ((50/3)^2 * 2 + (100/3)^2) / 2 = 2500 / 3
+    assert result["prompts"] == 3 and (result["better"], result["worse"]) == (2, 1)
+    assert result["mean"] == pytest.approx(25 / 3)
+    half = 1.96 * ((2500 / 3) / 3) ** 0.5
+    assert result["ci95"] == pytest.approx([25 / 3 - half, 25 / 3 + half])
+    one = paired_difference({"p": 1.0}, {"p": 0.0})
+    assert one["mean"] == 1.0 and one["ci95"][0] != one["ci95"][0]  # no interval from one prompt

@@ -51,10 +51,19 @@ def write_report(output: Path, content: dict, question_set: QuestionSet, records
             cells.append(f"<td{mark}>{_fmt(value)}</td>")
         parts.append(f"<tr><td>{esc(name)}</td>{''.join(cells)}</tr>")
     parts.append("</table>")
-    if "baseline" in results and len(names) > 1:
-        parts.append("<p>Against the baseline (overall points): " + ", ".join(
-            f"{esc(n)} {results[n]['overall'] - results['baseline']['overall']:+.2f}" for n in names
-            if n != "baseline") + "</p>")
+    if content.get("comparisons"):
+        parts.append("<table><tr><th>contestant</th><th>against</th><th>difference (points)</th><th>95% interval"
+                     "</th><th>prompts better / worse / of</th><th>verdict</th></tr>")
+        for name, c in content["comparisons"].items():
+            low, high = c["ci95"]
+            verdict = ("better" if low > 0 else "worse" if high < 0 else "cannot tell apart") if low == low \
+                else "too few prompts"
+            parts.append(f"<tr><td>{esc(name)}</td><td>{esc(c['against'])}</td><td>{c['mean']:+.2f}</td>"
+                         f"<td>{_fmt(low)} to {_fmt(high)}</td><td>{c['better']} / {c['worse']} / {c['prompts']}"
+                         f"</td><td>{verdict}</td></tr>")
+        parts.append("</table><p class='muted'>The interval is the mean per-prompt difference &plusmn; 1.96 paired "
+                     "standard errors; one that holds 0 means these prompts and this judge cannot tell the two "
+                     "apart.</p>")
 
     parts.append("<h2>By category</h2>")
     for category in sorted({c for r in results.values() for c in r["subcategories"]}):

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import ELLAError
 from .questions import Item, QuestionSet, read_questions
-from .scoring import score
+from .scoring import paired_difference, score
 
 log = logging.getLogger("ella")
 KEY_CHUNK = "ella-eval"  # the PNG text chunk holding an image's key
@@ -441,6 +441,7 @@ def write_results(output: Path, config, question_set: QuestionSet, contestants: 
         results[contestant.key] = score(question_set.items, answers, settings.images, settings.official_quirks)
     content = {
         "results": results,
+        "comparisons": comparisons(results),
         "contestants": {c.key: {"kind": c.kind, "images": f"images/{c.folder}", **c.details} for c in contestants},
         "judge": judge_details or {"name": settings.judge_key},
         "questions": {"file": question_set.name, "format": question_set.format, "sha256": question_set.digest,
@@ -454,6 +455,15 @@ def write_results(output: Path, config, question_set: QuestionSet, contestants: 
     _write_text(output / "eval.json", json.dumps(content, indent=2, sort_keys=False) + "\n")
     write_report(output, content, question_set, records)
     return content
+
+
+def comparisons(results: dict) -> dict:
+    """Each contestant against the reference (the baseline when scored, else the first connector), prompt by prompt."""
+    if len(results) < 2:
+        return {}
+    reference = "baseline" if "baseline" in results else next(iter(results))
+    return {name: {"against": reference, **paired_difference(result["prompts"], results[reference]["prompts"])}
+            for name, result in results.items() if name != reference}
 
 
 def _settings(config, settings: Settings) -> dict:

@@ -72,3 +72,20 @@ def score(items: list[Item], answers: Answers, images: int, official_quirks: boo
 
 def _percent(values: list[float]) -> float:
     return 100.0 * sum(values) / len(values) if values else float("nan")
+
+
+def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict:
+    """How much ``a`` beats ``b`` over the prompts both were scored on: the mean of the per-prompt differences (0-100
+    points), its 95% interval from the paired standard error (normal approximation; meaningful from a few dozen
+    prompts on), and how many prompts went each way. An interval that holds 0 says the eval cannot tell them apart."""
+    shared = [key for key in a if key in b]
+    differences = [a[key] - b[key] for key in shared]
+    count = len(differences)
+    mean = sum(differences) / count if count else float("nan")
+    if count > 1:
+        variance = sum((d - mean) ** 2 for d in differences) / (count - 1)
+        half = 1.96 * (variance / count) ** 0.5
+    else:
+        half = float("nan")
+    return {"mean": mean, "ci95": [mean - half, mean + half], "prompts": count,
+            "better": sum(d > 0 for d in differences), "worse": sum(d < 0 for d in differences)}

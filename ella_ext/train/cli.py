@@ -216,6 +216,10 @@ def _eval(config, args) -> int:
         for name, scores in result["results"].items():
             cells = "  ".join(f"{scores['categories'][c]:{len(c)}.2f}" for c in sorted(scores["categories"]))
             print(f"{name:{width}}  {scores['overall']:7.2f}  {cells}")
+        for name, c in result["comparisons"].items():
+            low, high = c["ci95"]
+            print(f"{name} vs {c['against']}: {c['mean']:+.2f} points (95% interval {low:+.2f} to {high:+.2f}; "
+                  f"better on {c['better']}, worse on {c['worse']} of {c['prompts']} prompts)")
         print(f"Report: {args.output / 'report.html'}")
     return 0
 

@@ -138,6 +138,11 @@ def test_eval_writes_every_output_and_scores_by_the_rule(eval_setup, full):
             if r["contestant"] == name:
                 answers.setdefault((r["item_id"], r["image"]), {})[r["question_id"]] = r["yes"]
         assert content["results"][name] == score(items, answers, 2)
+    assert set(content["comparisons"]) == {"connector-step1.safetensors", "connector.safetensors"}
+    for name, compared in content["comparisons"].items():
+        assert compared["against"] == "baseline" and compared["prompts"] == 3
+        overall = content["results"][name]["overall"] - content["results"]["baseline"]["overall"]
+        assert compared["mean"] == pytest.approx(overall)  # every prompt weighs the same in both
     # same seeds for every contestant; the conditioning differs
     seeds = {}
     for r in records:
@@ -305,7 +310,7 @@ def test_cli_eval_prints_the_table_and_refuses_bad_input(eval_setup, full, tmp_p
     connectors = [a for c in eval_setup["connectors"] for a in ("--connector", str(c))]
     assert main([*common, *connectors, "--baseline", "--vqa", "tiny_judge:answer"]) == 0
     out = capsys.readouterr().out
-    assert "overall" in out and "baseline" in out and f"{content['results']['baseline']['overall']:7.2f}" in out
+    assert "overall" in out and "vs baseline" in out and f"{content['results']['baseline']['overall']:7.2f}" in out
     assert main([*common, "--vqa", "tiny_judge:answer"]) == 2
     assert "Nothing to score" in capsys.readouterr().err
     assert main([*common, "--baseline", "--vqa", "no_such_module:answer"]) == 2

@@ -26,12 +26,13 @@ class BaselineError(ELLAError):
 class BaseText:
     def __init__(self, base, clip_l, tokenizer):
         self.base, self.clip_l, self.tokenizer = base, clip_l, tokenizer
+        self.length = int(clip_l.config.max_position_embeddings)  # 77 for SD's CLIPs
 
     @torch.no_grad()
     def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``([1, 77, W] rows, [1, 1280] pooled or None)`` for one text."""
-        tokens = self.tokenizer([text], padding="max_length", truncation=True,
-                                max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        tokens = self.tokenizer([text], padding="max_length", truncation=True, max_length=self.length,
+                                return_tensors="pt")
         out = self.clip_l(tokens.input_ids.to(self.clip_l.device), output_hidden_states=True)
         if self.base.family == "sd15":
             return out.last_hidden_state.float(), None
@@ -73,18 +74,31 @@ def load_base_text(config, base, device: torch.device, dtype: torch.dtype) -> Ba
 
 
 def _tokenizer(folder: str, path: str, single_file: bool):
+    """CLIP's tokenizer from ``folder/tokenizer``. Its files are checked first: newer transformers make an empty
+    tokenizer from a folder without them instead of failing."""
     from transformers import CLIPTokenizer
 
-    try:
-        return CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    except (OSError, ValueError) as exc:
-        if single_file:
-            raise BaselineError(
-                f"--baseline with the single file {Path(path).name} needs CLIP's tokenizer (vocab.json and "
-                "merges.txt), which a single file does not hold: set [model] base_config to a diffusers folder of "
-                "the same family that has tokenizer/ (with unet/, vae/ and scheduler/ configs), e.g. a download of "
-                "the base's diffusers release.") from exc
-        raise BaselineError(f"--baseline: {path} has no tokenizer/ that could be loaded ({exc}).") from exc
+    local = Path(folder).is_dir()
+    files = Path(folder) / "tokenizer"
+    has_files = (files / "vocab.json").is_file() and (files / "merges.txt").is_file() or (
+        files / "tokenizer.json").is_file()
+    tokenizer, problem = None, "no vocab.json and merges.txt"
+    if has_files or not local:
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+    if tokenizer is not None and len(tokenizer) < 3:
+        tokenizer, problem = None, f"its vocabulary has {len(tokenizer)} tokens"
+    if tokenizer is not None:
+        return tokenizer
+    if single_file:
+        raise BaselineError(
+            f"--baseline with the single file {Path(path).name} needs CLIP's tokenizer (vocab.json and merges.txt), "
+            "which a single file does not hold: set [model] base_config to a diffusers folder of the same family "
+            "that has tokenizer/ (with unet/, vae/ and scheduler/ configs), e.g. a download of the base's diffusers "
+            f"release. ({folder}/tokenizer: {problem})")
+    raise BaselineError(f"--baseline: {path} has no usable tokenizer/ ({problem}).")
 
 
 def _single_file_clip_l(path: str, family: str):

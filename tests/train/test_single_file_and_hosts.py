@@ -121,7 +121,7 @@ def test_trained_connectors_condition_forge_generations(forge_host, models_dir, 
     assert chunk.crossattn.shape == (2, 8, 2048) and f"ELLA: {sdxl}" in processed.infotexts[0]
 
 
-@pytest.mark.parametrize("verb", ["train", "cache", "sample", "estimate"])
+@pytest.mark.parametrize("verb", ["train", "cache", "sample", "estimate", "eval"])
 def test_every_verb_explains_its_options(verb, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([verb, "--help"])

@@ -1,5 +1,5 @@
 """What training minimises and how it steps: the loss of one micro-batch (the diffusion MSE, optionally Min-SNR
-weighted), the learning rate at each step, the optimiser."""
+weighted; ``predict`` is shared with the held-out loss), the learning rate at each step, the optimiser."""
 
 from __future__ import annotations
 
@@ -16,20 +16,26 @@ def compute_loss(connector, base, inputs: Inputs, accelerator, min_snr_gamma: fl
     """The diffusion MSE on the UNet's prediction (the paper's loss); with ``min_snr_gamma`` each sample's MSE is
     weighted by min(SNR, gamma) / SNR for epsilon targets, min(SNR, gamma) / (SNR + 1) for v targets (Min-SNR,
     Hang et al. 2023, arXiv 2303.09556), which keeps the low-noise steps from dominating."""
+    prediction, target = predict(connector, base, inputs, accelerator)
+    if not min_snr_gamma:
+        return F.mse_loss(prediction.float(), target.float())
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weights(base, inputs.timesteps, min_snr_gamma)).mean()
+
+
+def predict(connector, base, inputs: Inputs, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's prediction on the noised latents with the connector's context, and the target it is scored
+    against (the noise for epsilon, v for v-prediction)."""
     from .model import target_of
 
     dtype = base.unet.dtype
-    scheduler = base.scheduler
-    noisy = scheduler.add_noise(inputs.latents, inputs.noise, inputs.timesteps)
+    noisy = base.scheduler.add_noise(inputs.latents, inputs.noise, inputs.timesteps)
     target = target_of(base, inputs.latents, inputs.noise, inputs.timesteps)
     with accelerator.autocast():
         context = connector(inputs.features, inputs.timesteps.float(), inputs.mask)
         prediction = base.unet(noisy.to(dtype), inputs.timesteps, encoder_hidden_states=context.to(dtype),
                                added_cond_kwargs=base.added_conditions(inputs.pooled, inputs.time_ids, dtype)).sample
-    if not min_snr_gamma:
-        return F.mse_loss(prediction.float(), target.float())
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * min_snr_weights(base, inputs.timesteps, min_snr_gamma)).mean()
+    return prediction, target
 
 
 def min_snr_weights(base, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:

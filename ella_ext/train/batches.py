@@ -105,10 +105,11 @@ class StreamItem:
 
 
 def stream_batches(shards: list[tuple[int, list[str]]], buckets: list[tuple[int, int]], batch: int, rank: int,
-                   processes: int, seed: int, skipped: Skipped, start: int = 0,
-                   empty_captions: str = "skip") -> Iterator[list[StreamItem]]:
+                   processes: int, seed: int, skipped: Skipped, start: int = 0, empty_captions: str = "skip",
+                   split: float = 0.0) -> Iterator[list[StreamItem]]:
     """This process's batches from its shards, epoch after epoch; ``start`` batches are skipped (read, not decoded).
-    What a shard holds that cannot be used is added to ``skipped`` once (a shard read again adds nothing)."""
+    What a shard holds that cannot be used is added to ``skipped`` once (a shard read again adds nothing). The
+    samples ``[validation] split`` holds out are passed over."""
     mine = [(index, url) for index, urls in shards for url in urls]
     mine = mine[rank::processes]
     if not mine:
@@ -123,7 +124,7 @@ def stream_batches(shards: list[tuple[int, list[str]]], buckets: list[tuple[int,
         produced = 0
         for position in rng.permutation(len(mine)):
             index, url = mine[position]
-            for record, image in iter_shard(index, url, skipped, empty_captions=empty_captions):
+            for record, image in iter_shard(index, url, skipped, empty_captions=empty_captions, split=split):
                 produced += 1
                 bucket = pick_bucket(record.size, buckets)
                 queue = queues.setdefault(bucket, [])
@@ -136,5 +137,6 @@ def stream_batches(shards: list[tuple[int, list[str]]], buckets: list[tuple[int,
         if produced == 0:
             raise DataError(f"The shards of this process ({', '.join(u for _, u in mine[:3])}...) hold no usable "
                             "sample (an image and a caption under the same key); skipped: "
-                            f"{skipped.summary() or 'nothing'}.")
+                            f"{skipped.summary() or 'nothing'}"
+                            + (f"; [validation] split = {split} held out the rest: lower it." if split else "."))
         epoch += 1

@@ -62,13 +62,21 @@ class CacheError(ELLAError):
     """A cache folder is incomplete or was made from another config."""
 
 
+# Keys a fingerprint holds only when set: a cache made without them (or before they existed) stays valid while they
+# are off, and one made with them is refused once they change or go.
+OPTIONAL_KEYS = ("validation.split",)
+
+
 def fingerprint(config: Config, feature_dtype: str) -> dict:
-    return {
+    out = {
         **{f"model.{k}": config.model[k] for k in FINGERPRINT_MODEL_KEYS},
         "model.feature_dtype": feature_dtype,
         **{f"data.{k}": config.data[k] for k in FINGERPRINT_DATA_KEYS},
         "data.sources": [s.path for s in config.sources],
     }
+    if config.validation["split"]:  # the items it holds out are not in the cache
+        out["validation.split"] = config.validation["split"]
+    return out
 
 
 # -- what the data was when the cache was made -------------------------------------------------------------------
@@ -217,7 +225,8 @@ def build_cache(config: Config, folder: Path, accelerator, base, encoder, featur
             yield record, record.path
         mine = [(i, url) for i, urls in shards for url in urls][rank::processes]
         for index, url in mine:
-            yield from iter_shard(index, url, skipped, empty_captions=empty_captions)
+            yield from iter_shard(index, url, skipped, empty_captions=empty_captions,
+                                  split=config.validation["split"])
 
     index_lines: list[str] = []
     part: dict[str, torch.Tensor] = {}
@@ -319,8 +328,9 @@ class CacheReader:
         if "data" not in manifest:
             raise CacheError(f"The cache {folder} was made by an older trainer that did not record the data's files, "
                              f"so it cannot tell whether they changed. {_again(config)}")
-        expected = fingerprint(config, feature_dtype)
-        changed = sorted(k for k in expected if manifest["fingerprint"].get(k) != expected[k])
+        expected, stored = fingerprint(config, feature_dtype), manifest["fingerprint"]
+        keys = set(expected) | (set(stored) & set(OPTIONAL_KEYS))
+        changed = sorted(k for k in keys if stored.get(k) != expected.get(k))
         if changed:
             raise CacheError(f"The cache {folder} was made with other settings ({', '.join(changed)} differ). "
                              f"{_again(config)}")

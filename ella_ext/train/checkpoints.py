@@ -232,7 +232,7 @@ LOCK_NAME = "train.lock"
 RUN_CONFIG = "ella-run.toml"  # the config as the run used it (never the user's own config file)
 # What else a run writes. Left by a run that saved no weights (it failed or was killed before its first save), they
 # are replaced by the next run; beside a run's weights they are that run's and are kept.
-RUN_EXTRAS = ("metrics.jsonl", "logs", "skipped.txt", RUN_CONFIG, "samples", "checkpoints")
+RUN_EXTRAS = ("metrics.jsonl", "logs", "skipped.txt", "validation.txt", RUN_CONFIG, "samples", "checkpoints")
 
 
 def weight_files(output: Path) -> list[Path]:

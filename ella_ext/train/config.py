@@ -37,6 +37,7 @@ class Key:
     minimum: float | None = None
     maximum: float | None = None
     above: float | None = None  # strictly greater than
+    item: type = str  # lists: the kind of each entry
 
 
 # section -> key -> Key. ``None`` default = optional ("not set").
@@ -136,8 +137,22 @@ KEYS: dict[str, dict[str, Key]] = {
         "seed": Key(int, 0, "sampling seed", minimum=0),
         "resolution": Key(int, 0, "image side in pixels (0 = [data] resolution)", minimum=0),
     },
+    "validation": {
+        "path": Key(str, "", help="held-out images, never trained on (any kind [[data.sources]] path takes); "
+                                  "empty = none"),
+        "split": Key(float, 0.0, "this fraction of the training data held out instead, chosen by a hash of each "
+                                 "file name (or shard sample key), the same on every run; 0 = off", minimum=0.0,
+                     maximum=0.5),
+        "every": Key(int, 0, "steps between held-out losses (val_loss; 0 = only at the end when path or split is "
+                             "set)", minimum=0),
+        "timesteps": Key(list, [100, 300, 500, 700, 900], "the timesteps every held-out image is scored at",
+                         item=int),
+        "max_items": Key(int, 64, "held-out images scored (the first ones in file order)", minimum=1),
+        "batch_size": Key(int, 0, "images per forward pass (0 = [train] batch_size)", minimum=0),
+        "seed": Key(int, 0, "the held-out noise's seed (fixed per image and timestep)", minimum=0),
+    },
 }
-SECTIONS = ("model", "connector", "data", "train", "sample")
+SECTIONS = ("model", "connector", "data", "train", "sample", "validation")
 TRACKERS = ("tensorboard", "wandb")
 # The paper's learning rates (ELLA, arXiv 2403.05135): SD 1.5 at 1e-4, SDXL at 1e-5.
 FAMILY_LR = {"sd15": 1e-4, "sdxl": 1e-5}
@@ -159,6 +174,7 @@ class Config:
     data: dict[str, Any]
     train: dict[str, Any]
     sample: dict[str, Any]
+    validation: dict[str, Any]
     sources: list[Source] = field(default_factory=list)
     path: Path | None = None  # the TOML file (relative paths in it are relative to its folder)
 
@@ -205,8 +221,9 @@ def _check_value(where: str, spec: Key, value: Any) -> Any:
         raise ConfigError(f"{where} = {value!r} is too large; it must be at most {spec.maximum}.")
     if spec.above is not None and value <= spec.above:
         raise ConfigError(f"{where} = {value!r} must be greater than {spec.above}.")
-    if kind is list and not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{where} must be a list of strings; got {value!r}.")
+    if kind is list and not all(isinstance(v, spec.item) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{where} must be a list of {'strings' if spec.item is str else 'whole numbers'}; got "
+                          f"{value!r}.")
     return value
 
 
@@ -305,11 +322,25 @@ def _check_combinations(config: Config) -> None:
     if config.train["warmup_steps"] >= config.train["steps"] and config.train["lr_schedule"] != "constant":
         raise ConfigError(f"[train] warmup_steps = {config.train['warmup_steps']} leaves no step for the "
                           f"{config.train['lr_schedule']} decay of {config.train['steps']} steps; lower it.")
+    _check_validation(config.validation)
+
+
+def _check_validation(validation: dict[str, Any]) -> None:
+    if validation["path"] and validation["split"]:
+        raise ConfigError("[validation] path and split are both set: give one, a folder of held-out images (path) "
+                          "or a fraction of the training data to hold out (split).")
+    if validation["every"] and not (validation["path"] or validation["split"]):
+        raise ConfigError(f"[validation] every = {validation['every']} needs held-out images: set [validation] "
+                          "path (a folder of them) or split (e.g. 0.01 of the training data).")
+    timesteps = validation["timesteps"]
+    if not timesteps or min(timesteps) < 0 or len(set(timesteps)) != len(timesteps):
+        raise ConfigError(f"[validation] timesteps = {timesteps!r} must be a non-empty list of different training "
+                          "timesteps from 0 up, e.g. [100, 300, 500, 700, 900].")
 
 
 # Keys that name files or folders: written absolute in the saved config, so it runs from anywhere.
 PATH_KEYS = {("model", "base"), ("model", "base_config"), ("model", "llm"), ("model", "vae"),
-             ("connector", "init_from"), ("data.sources", "path")}
+             ("connector", "init_from"), ("data.sources", "path"), ("validation", "path")}
 
 
 def _toml_value(value: Any) -> str:

@@ -10,6 +10,7 @@ bucket and centre-cropped (no flips: ELLA's captions say where things are).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -47,6 +48,18 @@ class Record:
     path: str = ""  # an image file; for shards, the shard url
     member: str = ""  # shards: the sample's key inside the shard
     image_ext: str = ""  # shards: the member extension holding the image
+
+
+def holdout_name(record: Record) -> str:
+    """The name ``[validation] split`` hashes: an image's path inside its folder (or metadata.jsonl's file_name), a
+    shard sample's key. Neither the source's place in the config nor the folder's location changes it."""
+    return record.member or record.key.split("/", 1)[1]
+
+
+def is_held_out(name: str, split: float) -> bool:
+    """Whether ``[validation] split`` holds this name out: the first 8 bytes of its SHA-1 below ``split`` of their
+    range. The same on every run, machine and process (Python's ``hash()`` is salted per process)."""
+    return split > 0 and int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "big") < split * 2**64
 
 
 @dataclass
@@ -364,10 +377,11 @@ def shard_urls(path: str) -> list[str]:
     return list(expand_urls(path))
 
 
-def iter_shard(index: int, url: str, skipped: Skipped, decode: bool = True,
-               empty_captions: str = "skip") -> Iterator[tuple[Record, bytes]]:
+def iter_shard(index: int, url: str, skipped: Skipped, decode: bool = True, empty_captions: str = "skip",
+               split: float = 0.0, held_out: bool = False) -> Iterator[tuple[Record, bytes]]:
     """Usable records of one shard, with the image's bytes. ``empty_captions = 'error'`` raises at the first empty
-    caption met (a shard is only known once read)."""
+    caption met (a shard is only known once read). With ``split`` (``[validation] split``), only the samples the
+    split trains on, or with ``held_out`` only those it holds out (the others are passed over unread)."""
     from webdataset.tariterators import tarfile_samples
 
     def keep_going(exc: Exception) -> bool:
@@ -376,6 +390,8 @@ def iter_shard(index: int, url: str, skipped: Skipped, decode: bool = True,
 
     for sample in tarfile_samples([{"url": url}], handler=keep_going):
         key = sample["__key__"]
+        if split and is_held_out(key, split) != held_out:
+            continue
         where = f"{url}:{key}"
         image_ext = next((k for k in WDS_IMAGE_KEYS if k in sample), None)
         caption = next((sample[k] for k in WDS_CAPTION_KEYS if k in sample), None)
@@ -409,11 +425,12 @@ def iter_shard(index: int, url: str, skipped: Skipped, decode: bool = True,
         yield record, sample[image_ext]
 
 
-def list_sources(config: Config, skipped: Skipped,
-                 kinds: list[str] | None = None) -> tuple[list[Record], list[tuple[int, list[str]]]]:
+def list_sources(config: Config, skipped: Skipped, kinds: list[str] | None = None,
+                 held_out: list[Record] | None = None) -> tuple[list[Record], list[tuple[int, list[str]]]]:
     """Listed records of the folder sources (sorted by key) and the shard urls of the shard sources (``kinds``: the
     sources' kinds when known). With ``[data] empty_captions = 'error'``, an empty caption in a folder is refused
-    here, naming every such file."""
+    here, naming every such file. With ``[validation] split``, the records it holds out are left out (and added to
+    ``held_out`` when given); a split that leaves nothing to train on is refused."""
     records: list[Record] = []
     shards: list[tuple[int, list[str]]] = []
     empty_captions = config.data["empty_captions"]
@@ -429,7 +446,18 @@ def list_sources(config: Config, skipped: Skipped,
                 raise DataError(f"[[data.sources]] path = {source.path!r} names no .tar shards.")
             shards.append((index, urls))
     skipped.refuse_empty()
-    return sorted(records, key=lambda r: r.key), shards
+    records.sort(key=lambda r: r.key)
+    split = config.validation["split"]
+    if split:
+        kept = [r for r in records if not is_held_out(holdout_name(r), split)]
+        if held_out is not None:
+            held_out += [r for r in records if is_held_out(holdout_name(r), split)]
+        if records and not kept and not shards:
+            raise DataError(f"[validation] split = {split} holds out every one of the {len(records)} usable images, "
+                            "which leaves none to train on. Lower it, add images, or give a folder of held-out images "
+                            "as [validation] path instead.")
+        records = kept
+    return records, shards
 
 
 # -- before any model loads ---------------------------------------------------------------------------------------
@@ -456,8 +484,11 @@ def empty_caption_places(config: Config, kinds: list[str]) -> list[str]:
 
 def preflight(config: Config) -> None:
     """What can be refused before any model loads: a source that does not exist, folders mixed with shards for
-    training on the fly (no [train] cache), and with ``[data] empty_captions = 'error'`` an empty caption in a folder
-    source (every such file named)."""
+    training on the fly (no [train] cache), with ``[data] empty_captions = 'error'`` an empty caption in a folder
+    source (every such file named), and a ``[validation]`` path that does not exist or a split that holds out none
+    or all of the folders' images."""
+    from .validation import preflight_validation
+
     kinds = source_kinds(config)
     if config.cache_dir is None:
         refuse_mixed_sources(config, kinds)
@@ -465,3 +496,4 @@ def preflight(config: Config) -> None:
         places = empty_caption_places(config, kinds)
         if places:
             raise empty_caption_error(places)
+    preflight_validation(config, kinds)

@@ -103,7 +103,8 @@ def estimate(config: Config, measure: bool = True, measure_steps: int = 3) -> di
     records, shards = list_sources(config, skipped)
     for index, urls in shards:
         for url in urls:
-            records += [r for r, _ in iter_shard(index, url, skipped, empty_captions=config.data["empty_captions"])]
+            records += [r for r, _ in iter_shard(index, url, skipped, empty_captions=config.data["empty_captions"],
+                                                 split=config.validation["split"])]
     buckets = make_buckets(config.data["resolution"], config.data["bucket_step"], config.data["bucket_max_ratio"],
                            config.data["bucketing"])
     tokenizer = load_tokenizer(config.resolve(config.model["llm"]))

@@ -88,6 +88,7 @@ class Data:
     skipped: Skipped = field(default_factory=Skipped)
     skipped_file: Path | None = None
     streamed: bool = False
+    held_out: list | None = None  # [validation] split's records, left out of the listing (None: not listed here)
 
     def __next__(self):
         try:
@@ -137,8 +138,8 @@ def make_data(config: Config, accelerator, start_micro: int, base, cache_reader=
     else:
         kinds = source_kinds(config)
         refuse_mixed_sources(config, kinds)
-        skipped = Skipped()
-        records, shards = list_sources(config, skipped, kinds)
+        skipped, held_out = Skipped(), []
+        records, shards = list_sources(config, skipped, kinds, held_out)
         skipped.report(config.output, main=accelerator.is_main_process)
         if processes > 1:
             accelerator.wait_for_everyone()  # the list is written before any process appends to it
@@ -158,7 +159,7 @@ def make_data(config: Config, accelerator, start_micro: int, base, cache_reader=
     if cache_reader is not None:
         data.empty = cache_reader.empty()
     else:
-        data.skipped = skipped
+        data.skipped, data.held_out = skipped, held_out
     return data
 
 
@@ -198,7 +199,7 @@ class _Stream(torch.utils.data.IterableDataset):
 
 def _stream_data(config, shards, buckets, rank, processes, start_micro, skipped_file) -> Data:
     args = (shards, buckets, config.train["batch_size"], rank, processes, config.train["seed"], start_micro,
-            config.data["empty_captions"])
+            config.data["empty_captions"], config.validation["split"])
     workers = min(1, config.train["workers"])  # one reader keeps the stream's order
     loader = torch.utils.data.DataLoader(_Stream(args), batch_size=None, num_workers=workers,
                                          multiprocessing_context="spawn" if workers else None)

@@ -50,6 +50,7 @@ from .feed import make_data, make_inputs
 from .objective import compute_loss, lr_at, make_optimizer
 from .runtime import llm_dtype, load_encoder, make_accelerator, peak_lr, set_threads, weight_dtype
 from .summary import duration_text, summary_lines, training_record
+from .validation import make_validation, validation_on
 
 log = logging.getLogger("ella")
 
@@ -188,7 +189,7 @@ class _Run:
         if config.train["gradient_checkpointing"]:
             base.unet.enable_gradient_checkpointing()
             _checkpointing_needs_train_mode(base.unet)
-        if self.reader is None or config.sample["prompts"]:
+        if self.reader is None or config.sample["prompts"] or validation_on(config):
             self.encoder = load_encoder(config, device)
         if cache_dir is not None:
             if self.reader is None:
@@ -237,11 +238,13 @@ class _Run:
         self.global_batch = config.train["batch_size"] * accelerator.num_processes * accum
         self.data = make_data(config, accelerator, self.state.step * accum, self.base, self.reader)
         self.prompts = encode_prompts(config, self.base, self.encoder) if config.sample["prompts"] else None
+        self.validation = make_validation(config, accelerator, self.base, self.encoder, self.data, self.state.step)
         self.record = training_record(config, self.base, self.data, accelerator.num_processes, self.peak_lr,
-                                      self.llm_name)
+                                      self.llm_name, self.validation and self.validation.record())
         if self.main:
-            for line in summary_lines(config, self.base, self.data, self.record, self.plain, self.state.step,
-                                      self.feature_dtype, self.encoder):
+            lines = summary_lines(config, self.base, self.data, self.record, self.plain, self.state.step,
+                                  self.feature_dtype, self.encoder)
+            for line in lines + (self.validation.summary() if self.validation else []):
                 log.info("ELLA train: %s", line)
         if self.reader is not None:
             self.encoder = None  # the LLM is needed no more: the cache and the prompts' features are at hand
@@ -341,6 +344,8 @@ class _Run:
         config, state = self.config, self.state
         steps, save_every = config.train["steps"], config.train["save_every"]
         sample_every = config.train["sample_every"]
+        if self.validation is not None and self.validation.due(state.step):  # before a checkpoint: kept on resume
+            self._validate()
         if save_every and state.step % save_every == 0 and state.step < steps:
             self._save_connector(self.output / f"connector-step{state.step}.safetensors")
             self.last_saved = self._save_checkpoint()
@@ -366,8 +371,18 @@ class _Run:
                 self.last_saved = self._save_checkpoint()
             if self.prompts is not None:
                 self._samples()
+            if self.validation is not None and self.validation.due(state.step, end=True):
+                self._validate()
         self._to_trackers(self.accelerator.end_training)
         return Result(state.step, interrupted, final, self.last_saved)
+
+    def _validate(self) -> None:
+        """The held-out loss at this step (every process scores its share), to metrics.jsonl and the trackers."""
+        ema = self.config.train["ema"]
+        model = ema_model(self.plain, self.state.ema).to(self.accelerator.device) if ema else self.plain
+        entry = self.validation.loss(model, self.state.step)
+        if self.main:
+            self._log_metrics(entry)
 
     # -- writing -----------------------------------------------------------------------------------------------
 

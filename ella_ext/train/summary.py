@@ -39,13 +39,16 @@ def images_per_source(config: Config, data) -> list[int | None]:
     return [counts.get(i, 0) for i in range(len(config.sources))]
 
 
-def training_record(config: Config, base, data, processes: int, lr: float, llm: str) -> dict:
+def training_record(config: Config, base, data, processes: int, lr: float, llm: str,
+                    validation: dict | None = None) -> dict:
     """How the connector is trained, as a connector file's ``ella.training`` JSON: settings, base and LLM names,
-    data source names (not paths) and counts, the trainer's version. Nothing that differs between two runs of the
-    same config (no times, no absolute paths), so the same run gives the same file."""
+    data source names (not paths) and counts, the held-out set's counts (``validation``, when there is one), the
+    trainer's version. Nothing that differs between two runs of the same config (no times, no absolute paths), so
+    the same run gives the same file."""
     train, model = config.train, config.model
     counts = images_per_source(config, data)
-    return {
+    extra = {"validation": validation} if validation is not None else {}
+    return {**extra,
         "base": base.name, "family": base.family, "prediction": base.prediction,
         "llm": llm, "llm_layer": model["llm_layer"], "token_length": model["token_length"],
         "max_length": model["max_length"],

@@ -148,7 +148,7 @@ def write_config(path: Path, *, base: Path, llm: Path, images: list[Path] | Path
     for name, values in sections.items():
         defaults.setdefault(name, {}).update(values)
     lines = []
-    for name in ("model", "connector", "data", "train", "sample"):
+    for name in defaults:  # the five above, then any other section given (e.g. validation)
         lines.append(f"[{name}]")
         lines += [f"{k} = {_toml(v)}" for k, v in defaults[name].items()]
     for source in sources:

@@ -138,10 +138,10 @@ KEYS: dict[str, dict[str, Key]] = {
         "resolution": Key(int, 0, "image side in pixels (0 = [data] resolution)", minimum=0),
     },
     "validation": {
-        "path": Key(str, "", help="held-out images, never trained on (any kind [[data.sources]] path takes); "
-                                  "empty = none"),
-        "split": Key(float, 0.0, "this fraction of the training data held out instead, chosen by a hash of each "
-                                 "file name (or shard sample key), the same on every run; 0 = off", minimum=0.0,
+        "path": Key(str, "", help="a folder (or shards) of held-out images, never trained on: any kind "
+                                  "[[data.sources]] path takes; empty = none"),
+        "split": Key(float, 0.0, "or this fraction of the training data held out, chosen by a hash of each file "
+                                 "name (or shard sample key): the same files on every run; 0 = off", minimum=0.0,
                      maximum=0.5),
         "every": Key(int, 0, "steps between held-out losses (val_loss; 0 = only at the end when path or split is "
                              "set)", minimum=0),

@@ -104,14 +104,37 @@ def load_judge(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
 
     ``dtype`` None is float16 on CUDA and float32 elsewhere; ``batch_size`` is how many questions about one image a
     model judge answers in one forward pass (lower it when memory runs out)."""
+    if int(batch_size) < 1:
+        raise JudgeError(f"The judge's batch size must be 1 or more, not {batch_size}.")
+    spec, path, is_function = _read_spec(spec)
+    if is_function:
+        return FunctionJudge(spec)
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return _load_model_judge(spec if not path.exists() else str(path), path.exists(), device, dtype, int(batch_size))
+
+
+def check_judge(spec: str) -> str:
+    """What ``load_judge`` would load, checked without its weights (a module:function is imported, a model's config
+    read and its kind picked), so a wrong judge is refused before hours of image making. Returns the kind."""
+    spec, path, is_function = _read_spec(spec)
+    if is_function:
+        _import_function(spec)
+        return FunctionJudge.kind
+    name = _display_name(spec if not path.exists() else str(path), path.exists())
+    config = _read_config(spec if not path.exists() else str(path), name, path.exists())
+    return _pick(config, name)[0].kind
+
+
+def _read_spec(spec: str) -> tuple[str, Path, bool]:
+    """(spec, its path, whether it is module:function); a spec that can be neither is refused."""
     spec = str(spec).strip()
     if not spec:
         raise JudgeError(f"No judge was given: name a model folder or hub id, or module:function ({ACCEPTED}).")
-    if int(batch_size) < 1:
-        raise JudgeError(f"The judge's batch size must be 1 or more, not {batch_size}.")
     path = Path(spec).expanduser()
     if not path.exists() and not WINDOWS_DRIVE.match(spec) and FUNCTION_SPEC.match(spec):
-        return FunctionJudge(spec)
+        return spec, path, True
     if path.is_file():
         hint = (f"give a function in it as {path.stem}:function_name, run from its folder" if path.suffix == ".py"
                 else "give the folder that holds the model (config.json, model.safetensors, processor files)")
@@ -120,10 +143,7 @@ def load_judge(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
         raise JudgeError(
             f"The judge folder {spec!r} does not exist. Give a folder that holds a downloaded model (config.json, "
             f"model.safetensors, processor files), a Hugging Face hub id, or module:function.")
-    device = torch.device(device)
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    return _load_model_judge(spec if not path.exists() else str(path), path.exists(), device, dtype, int(batch_size))
+    return spec, path, False
 
 
 # --------------------------------------------------------------------------------------------------------------------

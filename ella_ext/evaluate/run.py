@@ -130,6 +130,9 @@ def evaluate(config, connectors: list[Path], baseline: bool, questions: Path, ju
         raise EvalError("--images-per-prompt must be at least 1.")
     question_set = read_questions(questions, official_quirks).limited(limit)
     contestants = make_contestants(config, connectors, baseline)
+    from .judges import check_judge
+
+    check_judge(judge)  # a judge that cannot load is refused now, not after hours of image making
     settings = Settings(images, official_quirks, judge, judge_batch)
     accelerator = make_accelerator(config)
     output = Path(output)

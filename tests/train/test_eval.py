@@ -399,3 +399,46 @@ def test_baseline_from_an_a1111_single_file(tmp_path, tiny_t5_dir, images8):
         expected = clip(ids).last_hidden_state
     assert pooled is None and rows.shape == (1, 16, 768)
     assert torch.allclose(rows, expected, atol=1e-6)
+
+
+def test_a_judge_that_cannot_load_is_refused_before_any_image(eval_setup, tmp_path, monkeypatch):
+    from ella_ext.evaluate.judges import JudgeError
+
+    from .tiny_judges import make_tiny_clip_text
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("no model may load before the judge is known to work")
+
+    monkeypatch.setattr("ella_ext.train.model.load_base", refuse)
+    for judge, message in (("tiny_judge:nothing", "has no 'nothing'"),
+                           (str(make_tiny_clip_text(tmp_path / "clip")), "does not answer questions about images"),
+                           (str(tmp_path / "missing"), "does not exist")):
+        with pytest.raises(JudgeError, match=message):
+            _evaluate(eval_setup, tmp_path / "eval", monkeypatch, judge=judge)
+    assert not (tmp_path / "eval" / "images").exists()
+
+
+def test_eval_with_a_tiny_vqa_model_judge(eval_setup, full, tmp_path, monkeypatch):
+    """A transformers judge end to end (a tiny random ViLT): answers are its labels, yes by its yes/no logits."""
+    import shutil
+
+    from .tiny_judges import make_tiny_vilt
+
+    output, content = full
+    copy = tmp_path / "eval"
+    shutil.copytree(output, copy)
+    vilt = make_tiny_vilt(tmp_path / "vilt")
+    from ella_ext.evaluate.judges import check_judge
+
+    assert check_judge(str(vilt)) == "vqa-classifier" and check_judge("tiny_judge:answer") == "function"
+    result = _evaluate(eval_setup, copy, monkeypatch, judge=str(vilt))
+    assert result["judge"]["kind"] == "vqa-classifier" and result["judge"]["name"] == "vilt"
+    records = [json.loads(line) for line in (copy / "answers.jsonl").read_text().splitlines()]
+    assert len(records) == 36 and all(r["judge"] == "vilt" for r in records)
+    assert all((r["margin"] > 0) == r["yes"] for r in records)
+    for name in result["results"]:
+        answers = {}
+        for r in records:
+            if r["contestant"] == name:
+                answers.setdefault((r["item_id"], r["image"]), {})[r["question_id"]] = r["yes"]
+        assert result["results"][name] == score(read_questions(eval_setup["questions"]).items, answers, 2)

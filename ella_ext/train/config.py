@@ -150,6 +150,12 @@ KEYS: dict[str, dict[str, Key]] = {
         "max_items": Key(int, 64, "held-out images scored (the first ones in file order)", minimum=1),
         "batch_size": Key(int, 0, "images per forward pass (0 = [train] batch_size)", minimum=0),
         "seed": Key(int, 0, "the held-out noise's seed (fixed per image and timestep)", minimum=0),
+        "eval_every": Key(int, 0, "steps between judge scores (eval_score, as `eval` scores; 0 = off; also at the "
+                                  "end when set)", minimum=0),
+        "questions": Key(str, "", help="eval_every: a small question file (.jsonl or DPG-Bench .csv; a few dozen "
+                                       "prompts: the main process makes and judges their images)"),
+        "judge": Key(str, "", help="eval_every: the judge (a VQA model folder or hub id, or module:function)"),
+        "eval_images": Key(int, 1, "eval_every: images per prompt", minimum=1),
     },
 }
 SECTIONS = ("model", "connector", "data", "train", "sample", "validation")
@@ -332,6 +338,10 @@ def _check_validation(validation: dict[str, Any]) -> None:
     if validation["every"] and not (validation["path"] or validation["split"]):
         raise ConfigError(f"[validation] every = {validation['every']} needs held-out images: set [validation] "
                           "path (a folder of them) or split (e.g. 0.01 of the training data).")
+    if validation["eval_every"] and not (validation["questions"] and validation["judge"]):
+        raise ConfigError(f"[validation] eval_every = {validation['eval_every']} needs [validation] questions (a "
+                          "small .jsonl or .csv question file) and [validation] judge (a VQA model folder or hub id, "
+                          "or module:function).")
     timesteps = validation["timesteps"]
     if not timesteps or min(timesteps) < 0 or len(set(timesteps)) != len(timesteps):
         raise ConfigError(f"[validation] timesteps = {timesteps!r} must be a non-empty list of different training "
@@ -340,7 +350,8 @@ def _check_validation(validation: dict[str, Any]) -> None:
 
 # Keys that name files or folders: written absolute in the saved config, so it runs from anywhere.
 PATH_KEYS = {("model", "base"), ("model", "base_config"), ("model", "llm"), ("model", "vae"),
-             ("connector", "init_from"), ("data.sources", "path"), ("validation", "path")}
+             ("connector", "init_from"), ("data.sources", "path"), ("validation", "path"),
+             ("validation", "questions"), ("validation", "judge")}
 
 
 def _toml_value(value: Any) -> str:

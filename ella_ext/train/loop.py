@@ -25,6 +25,7 @@ import torch
 
 from ..connector import Connector
 from ..errors import ELLAError
+from ..evaluate.during import TrainingJudge, judging_on
 from .checkpoints import (
     RUN_CONFIG,
     OutputLock,
@@ -189,7 +190,7 @@ class _Run:
         if config.train["gradient_checkpointing"]:
             base.unet.enable_gradient_checkpointing()
             _checkpointing_needs_train_mode(base.unet)
-        if self.reader is None or config.sample["prompts"] or validation_on(config):
+        if self.reader is None or config.sample["prompts"] or validation_on(config) or judging_on(config):
             self.encoder = load_encoder(config, device)
         if cache_dir is not None:
             if self.reader is None:
@@ -239,6 +240,8 @@ class _Run:
         self.data = make_data(config, accelerator, self.state.step * accum, self.base, self.reader)
         self.prompts = encode_prompts(config, self.base, self.encoder) if config.sample["prompts"] else None
         self.validation = make_validation(config, accelerator, self.base, self.encoder, self.data, self.state.step)
+        self.judged = TrainingJudge(config, accelerator, self.base, self.encoder, self.state.step) \
+            if judging_on(config) else None
         self.record = training_record(config, self.base, self.data, accelerator.num_processes, self.peak_lr,
                                       self.llm_name, self.validation and self.validation.record())
         if self.main:
@@ -344,8 +347,7 @@ class _Run:
         config, state = self.config, self.state
         steps, save_every = config.train["steps"], config.train["save_every"]
         sample_every = config.train["sample_every"]
-        if self.validation is not None and self.validation.due(state.step):  # before a checkpoint: kept on resume
-            self._validate()
+        self._validate()  # before a checkpoint: kept on resume
         if save_every and state.step % save_every == 0 and state.step < steps:
             self._save_connector(self.output / f"connector-step{state.step}.safetensors")
             self.last_saved = self._save_checkpoint()
@@ -371,16 +373,24 @@ class _Run:
                 self.last_saved = self._save_checkpoint()
             if self.prompts is not None:
                 self._samples()
-            if self.validation is not None and self.validation.due(state.step, end=True):
-                self._validate()
+            self._validate(end=True)
+        if self.judged is not None:
+            self.judged.close()
         self._to_trackers(self.accelerator.end_training)
         return Result(state.step, interrupted, final, self.last_saved)
 
-    def _validate(self) -> None:
-        """The held-out loss at this step (every process scores its share), to metrics.jsonl and the trackers."""
+    def _validate(self, end: bool = False) -> None:
+        """When due: the held-out loss (every process scores its share) and the judge's score (the main process),
+        to metrics.jsonl and the trackers."""
+        step = self.state.step
+        loss_due = self.validation is not None and self.validation.due(step, end)
+        judge_due = self.judged is not None and self.judged.due(step, end)
+        if not (loss_due or judge_due):
+            return
         ema = self.config.train["ema"]
         model = ema_model(self.plain, self.state.ema).to(self.accelerator.device) if ema else self.plain
-        entry = self.validation.loss(model, self.state.step)
+        entry = {"step": step, **(self.validation.loss(model, step) if loss_due else {}),
+                 **(self.judged.score(model, step) if judge_due else {})}
         if self.main:
             self._log_metrics(entry)
 

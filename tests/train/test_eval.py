@@ -442,3 +442,33 @@ def test_eval_with_a_tiny_vqa_model_judge(eval_setup, full, tmp_path, monkeypatc
             if r["contestant"] == name:
                 answers.setdefault((r["item_id"], r["image"]), {})[r["question_id"]] = r["yes"]
         assert result["results"][name] == score(read_questions(eval_setup["questions"]).items, answers, 2)
+
+
+def test_the_judge_scores_during_training_as_eval_scores_the_saved_file(eval_setup, tmp_path, images8, tiny_t5_dir,
+                                                                         monkeypatch):
+    """[validation] eval_every: eval_score in metrics.jsonl at those steps; at the last step it is the score `eval`
+    gives the saved connector (the same seeds, settings and weights give the same images and answers)."""
+    from ella_ext.train.config import ConfigError
+
+    monkeypatch.chdir(eval_setup["root"])
+    sys.modules.pop("tiny_judge", None)
+    base = eval_setup["config"].read_text().split('base = "')[1].split('"')[0]
+    sample = {"steps": 2, "resolution": 32, "cfg": 4.0, "seed": 11}
+    with pytest.raises(ConfigError, match="eval_every = 2 needs \\[validation\\] questions"):
+        load_config(write_config(tmp_path / "bad.toml", base=Path(base), llm=tiny_t5_dir, images=images8,
+                                 output=tmp_path / "bad", validation={"eval_every": 2}))
+    config_path = write_config(tmp_path / "run.toml", base=Path(base), llm=tiny_t5_dir, images=images8,
+                               output=tmp_path / "run", sample=sample,
+                               train={"steps": 4, "lr": 1e-2, "save_precision": "fp32"},
+                               validation={"eval_every": 2, "questions": str(eval_setup["questions"]),
+                                           "judge": "tiny_judge:answer", "eval_images": 2})
+    train(load_config(config_path))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    judged = [line for line in lines if "eval_score" in line]
+    assert [line["step"] for line in judged] == [2, 4]
+    assert {"eval_entity", "eval_attribute", "eval_other"} <= set(judged[-1])
+    content = eval_run.evaluate(load_config(config_path), [tmp_path / "run" / "connector.safetensors"], False,
+                                eval_setup["questions"], "tiny_judge:answer", images=2, output=tmp_path / "eval")
+    result = content["results"]["connector.safetensors"]
+    assert judged[-1]["eval_score"] == pytest.approx(result["overall"])
+    assert judged[-1]["eval_entity"] == pytest.approx(result["categories"]["entity"])

@@ -111,6 +111,20 @@ def make_base(folder: Path, family: str = "sd15", prediction: str = "epsilon") -
     return folder
 
 
+def add_text_encoders(folder: Path, family: str) -> Path:
+    """The base's own CLIP-L (and tokenizer), for --baseline: as wide as the context (SDXL: beside the tiny CLIP-G)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    write_clip_tokenizer(folder / "tokenizer")
+    width = 768 if family == "sd15" else 2048 - 16
+    torch.manual_seed(3)
+    config = CLIPTextConfig(vocab_size=60, hidden_size=width, intermediate_size=32, num_attention_heads=12 if
+                            family == "sd15" else 8, num_hidden_layers=2, max_position_embeddings=16,
+                            bos_token_id=53, eos_token_id=54, pad_token_id=54)
+    CLIPTextModel(config).save_pretrained(folder / "text_encoder")
+    return folder
+
+
 def make_image(index: int, size: tuple[int, int] = (40, 40)):
     """A simple picture that differs per index (colour and a shape's place)."""
     from PIL import Image, ImageDraw

@@ -21,7 +21,7 @@ from ella_ext.train.cli import main
 from ella_ext.train.config import load_config
 from ella_ext.train.loop import train
 
-from .conftest import make_base, needs_extras, write_clip_tokenizer, write_config
+from .conftest import add_text_encoders, make_base, needs_extras, write_clip_tokenizer, write_config
 
 needs_extras()
 
@@ -51,20 +51,6 @@ def answer(image, question):
     value = sum(grey.tobytes()) // max(1, grey.width * grey.height)
     return "Yes " if (value + len(question)) % 2 == 0 else "no"
 '''
-
-
-def add_text_encoders(folder: Path, family: str) -> Path:
-    """The base's own CLIP-L (and tokenizer), for --baseline: as wide as the context (SDXL: beside the tiny CLIP-G)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    write_clip_tokenizer(folder / "tokenizer")
-    width = 768 if family == "sd15" else 2048 - 16
-    torch.manual_seed(3)
-    config = CLIPTextConfig(vocab_size=60, hidden_size=width, intermediate_size=32, num_attention_heads=12 if
-                            family == "sd15" else 8, num_hidden_layers=2, max_position_embeddings=16,
-                            bos_token_id=53, eos_token_id=54, pad_token_id=54)
-    CLIPTextModel(config).save_pretrained(folder / "text_encoder")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +89,21 @@ def _answer_again(output: Path, records: list[dict]) -> dict:
 
     return {(r["contestant"], r["item_id"], r["image"], r["question_id"]):
             rule(Image.open(output / r["image_file"]), r["question"]) for r in records}
+
+
+def _count_images(monkeypatch) -> list[int]:
+    """The seeds of every image made from now on (eval imports denoise from ella_ext.train.sample when it makes
+    images)."""
+    import ella_ext.train.sample as sample
+
+    made, real = [], sample.denoise
+
+    def counting(config, base, context_at, seeds, *args):
+        made.extend(seeds)
+        return real(config, base, context_at, seeds, *args)
+
+    monkeypatch.setattr(sample, "denoise", counting)
+    return made
 
 
 @pytest.fixture(scope="module")
@@ -201,16 +202,7 @@ def test_resume_after_interrupts_redoes_nothing(eval_setup, full, tmp_path, monk
         _evaluate(eval_setup, output, monkeypatch)
     assert len(list((output / "images").rglob("*.png"))) == 7
     monkeypatch.setattr(eval_run._Work, "_save_image", real_save)
-    made = []
-    import ella_ext.train.sample as sample  # eval imports denoise from here when it makes images
-
-    real = sample.denoise
-
-    def counting(config, base, context_at, seeds, *args):
-        made.extend(seeds)
-        return real(config, base, context_at, seeds, *args)
-
-    monkeypatch.setattr(sample, "denoise", counting)
+    made = _count_images(monkeypatch)
     monkeypatch.setenv("ELLA_TEST_STOP_AFTER", "10")  # now interrupt the judging after 10 answers
     with pytest.raises(KeyboardInterrupt):
         _evaluate(eval_setup, output, monkeypatch)
@@ -234,16 +226,7 @@ def test_changed_settings_make_new_images(eval_setup, full, tmp_path, monkeypatc
     output, _ = full
     copy = tmp_path / "eval"
     shutil.copytree(output, copy)
-    made = []
-    import ella_ext.train.sample as sample
-
-    real = sample.denoise
-
-    def counting(config, base, context_at, seeds, *args):
-        made.extend(seeds)
-        return real(config, base, context_at, seeds, *args)
-
-    monkeypatch.setattr(sample, "denoise", counting)
+    made = _count_images(monkeypatch)
     config_text = eval_setup["config"].read_text().replace("steps = 2", "steps = 3")
     changed = dict(eval_setup, config=tmp_path / "run.toml")
     changed["config"].write_text(config_text.replace(str(eval_setup["root"] / "run"), str(tmp_path / "run")))

@@ -21,6 +21,11 @@ probability, in every block and head: a ``log w`` bias on its logits, folded wit
 built once per call (a masked position is a weight of 0, ``-inf``). The latents' keys keep weight 1. All-ones weights
 are the same as none: the same kernels, bit-identical output (the check runs where the weights are, so weights on
 the CPU cost the accelerator nothing).
+
+SDXL's pooled vector: a connector may carry an ``AttentionPool`` (``ConnectorConfig.pooled_width``; tensors under
+``pool.``, metadata ``ella.pooled = attention``) that maps the same LLM features to the UNet's pooled text vector in
+place of CLIP-G's. It reads the connector's input, not its output: the hosts compute SDXL's vector conditioning
+once per text and generation, while the TSC's output changes with the timestep.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class ConnectorConfig:
     num_latents: int = 64
     input_dim: int | None = 2048
     output_dim: int | None = None
+    pooled_width: int | None = None  # SDXL: the width of the attention pool's vector (None: no pool)
 
     @property
     def in_width(self) -> int:
@@ -96,11 +102,21 @@ class ConnectorConfig:
             shapes["connector.proj_out.0.bias"] = (self.output_dim,)
             shapes["connector.proj_out.1.weight"] = (self.output_dim,)
             shapes["connector.proj_out.1.bias"] = (self.output_dim,)
+        if self.pooled_width is not None:
+            shapes.update({
+                "pool.proj_in.weight": (w, self.in_width), "pool.proj_in.bias": (w,),
+                "pool.query": (w,),
+                "pool.kv.weight": (2 * w, w), "pool.kv.bias": (2 * w,),
+                "pool.norm.weight": (w,), "pool.norm.bias": (w,),
+                "pool.proj_out.weight": (self.pooled_width, w), "pool.proj_out.bias": (self.pooled_width,),
+            })
         return shapes
 
     @classmethod
-    def from_shapes(cls, shapes: dict[str, tuple[int, ...]], heads: int | None = None) -> ConnectorConfig:
-        """Read the configuration from a file's tensor shapes (key -> shape)."""
+    def from_shapes(cls, shapes: dict[str, tuple[int, ...]], heads: int | None = None,
+                    pooled: bool = False) -> ConnectorConfig:
+        """Read the configuration from a file's tensor shapes (key -> shape); ``pooled``: the file says it has an
+        attention pool (its metadata ``ella.pooled``), whose width then comes from ``pool.proj_out.weight``."""
         required = ("time_embedding.linear_1.weight", "connector.latents")
         absent = [k for k in required if k not in shapes]
         if absent:
@@ -118,6 +134,12 @@ class ConnectorConfig:
         layers = sum(1 for k in shapes if _BLOCK_KEY.match(k))
         proj_in = shapes.get("connector.proj_in.weight")
         proj_out = shapes.get("connector.proj_out.0.weight")
+        pool_out = shapes.get("pool.proj_out.weight") if pooled else None
+        if pooled and (pool_out is None or len(pool_out) != 2):
+            raise ConnectorLoadError(
+                "The file's metadata says it has an attention pool (ella.pooled = attention) but it holds no 2-D "
+                "pool.proj_out.weight: the file is incomplete. Save the connector again from its training run."
+            )
         time_embed_dim, time_channels = shapes["time_embedding.linear_1.weight"]
         num_latents, width = shapes["connector.latents"]
         heads = DEFAULT_HEADS if heads is None else int(heads)
@@ -135,6 +157,7 @@ class ConnectorConfig:
             num_latents=num_latents,
             input_dim=proj_in[1] if proj_in is not None else None,
             output_dim=proj_out[0] if proj_out is not None else None,
+            pooled_width=pool_out[0] if pool_out is not None else None,
         )
 
 
@@ -196,8 +219,38 @@ class _Resampler(nn.Module):
             self.proj_out = nn.Sequential(nn.Linear(w, cfg.output_dim), nn.LayerNorm(cfg.output_dim))
 
 
+class AttentionPool(nn.Module):
+    """SDXL's pooled text vector from the LLM features (the connector's input, not its timestep-dependent output:
+    the hosts compute SDXL's vector conditioning once per text, not per step).
+
+    The features are projected to the connector's width and normalised (as the TSC does with them), one learned
+    query attends over them (multi-head; ``mask`` leaves out the padding), and the result is normalised and
+    projected to ``pooled_width``: ``[B, S, in_width]`` -> ``[B, pooled_width]``."""
+
+    def __init__(self, in_width: int, width: int, heads: int, pooled_width: int):
+        super().__init__()
+        self.heads = heads
+        self.proj_in = nn.Linear(in_width, width)
+        self.query = nn.Parameter(torch.empty(width))
+        self.kv = nn.Linear(width, 2 * width)
+        self.norm = nn.LayerNorm(width)
+        self.proj_out = nn.Linear(width, pooled_width)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        text = F.layer_norm(self.proj_in(features), (self.query.shape[0],), eps=LAYERNORM_EPS)
+        key, value = self.kv(text).chunk(2, dim=-1)
+        query = self.query.to(key.dtype).expand(key.shape[0], 1, -1)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            _split_heads(query, self.heads), _split_heads(key, self.heads), _split_heads(value, self.heads),
+            attn_mask=attn_mask,
+        )
+        return self.proj_out(self.norm(out.transpose(1, 2).flatten(2)[:, 0]))
+
+
 class Connector(nn.Module):
-    """The TSC. ``forward(features, timesteps, mask=None, weights=None)`` -> ``[B, latents, out_width]``."""
+    """The TSC. ``forward(features, timesteps, mask=None, weights=None)`` -> ``[B, latents, out_width]``; with an
+    attention pool (``config.pooled_width``, SDXL), ``pooled(features, mask)`` -> ``[B, pooled_width]``."""
 
     def __init__(self, config: ConnectorConfig | None = None):
         super().__init__()
@@ -205,6 +258,8 @@ class Connector(nn.Module):
         cfg = self.config
         self.time_embedding = _TimeEmbedding(cfg.time_channels, cfg.time_embed_dim)
         self.connector = _Resampler(cfg)
+        if cfg.pooled_width is not None:
+            self.pool = AttentionPool(cfg.in_width, cfg.width, cfg.heads, cfg.pooled_width)
         self._frequencies: dict[torch.device, torch.Tensor] = {}  # fp32 always: not a buffer, so .half() skips it
 
     # -- parameters -------------------------------------------------------------------------------------------
@@ -238,16 +293,35 @@ class Connector(nn.Module):
             features = F.pad(features, (0, 1))
         return features
 
+    @property
+    def has_pool(self) -> bool:
+        """Whether this connector makes SDXL's pooled vector (an attention pool) instead of CLIP-G."""
+        return self.config.pooled_width is not None
+
+    def pooled(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """SDXL's pooled text vector ``[B, pooled_width]`` from the LLM features ``[B, S, in_width]`` and their
+        ``mask [B, S]`` (True: a real token; None: every position, as fixed length reads them), the same features
+        and mask ``forward`` reads; no timestep. None when the connector has no pool (its users take CLIP-G's)."""
+        if not self.has_pool:
+            return None
+        features, _, mask = self._check_inputs(features, 0, mask)
+        return self.pool(features, mask)
+
     def forward(
         self,
         features: torch.Tensor,
         timesteps: torch.Tensor | float | int,
         mask: torch.Tensor | None = None,
         weights: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_pooled: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """``features [B, S, in_width]``; one timestep or one per row; ``mask [B, S]`` (True: a real token; None:
         every position is attended, as the reference's fixed length); ``weights [B, S]``: the attention weight of
-        each text token (emphasis; None or all ones: none)."""
+        each text token (emphasis; None or all ones: none). ``return_pooled``: ``(context, pooled(features, mask))``
+        in one call (training: a wrapper such as DDP sees the pool's use in its forward)."""
+        if return_pooled:
+            context = self(features, timesteps, mask, weights)
+            return context, self.pooled(features, mask)
         features, timesteps, mask = self._check_inputs(features, timesteps, mask)
         weights = self._check_weights(weights, features)
         cfg, res = self.config, self.connector

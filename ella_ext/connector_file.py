@@ -7,6 +7,9 @@ A file's safetensors metadata may carry (all values are strings):
 
 - ``ella.heads``: the attention head count (the only part of the shape the tensors cannot tell; 8 when absent);
 - ``ella.config``: the whole ``ConnectorConfig`` as JSON (informative; the shapes decide);
+- ``ella.pooled``: where SDXL's pooled text vector comes from: ``attention`` (the file carries an attention pool
+  under ``pool.``, beside the TSC) or ``clip`` (CLIP-G's, as the host makes it); a file without the key is ``clip``
+  and must hold no pool (the official files, and every file saved before pools existed, load as they always did);
 - what made the connector, written by the trainer (``ella_ext.train``) under the ``META_*`` keys below, read with
   ``read_metadata``; ``read_training_facts`` gives the ones the extension acts on as a ``TrainingFacts``.
 """
@@ -27,6 +30,8 @@ from .errors import ConnectorLoadError
 
 HEADS_METADATA_KEY = "ella.heads"
 CONFIG_METADATA_KEY = "ella.config"
+POOLED_METADATA_KEY = "ella.pooled"
+POOLED_KINDS = ("clip", "attention")  # clip: CLIP-G's pooled vector (no pool in the file); attention: the file's pool
 # How a trained connector was made (strings; absent from the official file).
 META_LLM = "ella.llm"  # the LLM's hub id or folder name
 META_LLM_LAYER = "ella.llm_layer"  # decoder-only LLMs: the hidden state used (e.g. "-1")
@@ -114,9 +119,20 @@ def _config_from(shapes: dict, metadata: dict, heads: int | None) -> ConnectorCo
                 f"The file's metadata {HEADS_METADATA_KEY}={metadata[HEADS_METADATA_KEY]!r} is not a whole number; "
                 "fix the metadata or pass heads= explicitly."
             ) from exc
-    config = ConnectorConfig.from_shapes(shapes, heads)
+    pooled = str(metadata.get(POOLED_METADATA_KEY, "clip")).strip().lower()
+    if pooled not in POOLED_KINDS:
+        raise ConnectorLoadError(
+            f"The file's metadata {POOLED_METADATA_KEY}={metadata[POOLED_METADATA_KEY]!r} is not one of "
+            f"{', '.join(POOLED_KINDS)}; the file is damaged or from a newer version of the extension."
+        )
+    config = ConnectorConfig.from_shapes(shapes, heads, pooled=pooled == "attention")
     check_layout(config, shapes)
     return config
+
+
+def pooled_kind(config: ConnectorConfig) -> str:
+    """What ``ella.pooled`` says for a connector of this configuration: "attention" with a pool, else "clip"."""
+    return "attention" if config.pooled_width is not None else "clip"
 
 
 def load_connector(
@@ -191,7 +207,12 @@ def save_connector(model: Connector, path: str | Path, metadata: dict[str, str] 
     state = {k: v.detach().to(dtype or v.dtype) for k, v in model.state_dict().items()}
     header = {str(k): str(v) for k, v in (metadata or {}).items()}
     header[HEADS_METADATA_KEY] = str(model.config.heads)
-    header[CONFIG_METADATA_KEY] = json.dumps(asdict(model.config), sort_keys=True)
+    described = asdict(model.config)
+    if described["pooled_width"] is None:  # a connector without a pool is saved byte for byte as before pools
+        del described["pooled_width"]
+    header[CONFIG_METADATA_KEY] = json.dumps(described, sort_keys=True)
+    if model.config.pooled_width is not None:  # a file without the key has no pool, as before pools existed
+        header[POOLED_METADATA_KEY] = pooled_kind(model.config)
     write_safetensors(state, path, header)
 
 

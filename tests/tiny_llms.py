@@ -199,9 +199,10 @@ def make_family(folder: Path, family: str, hidden: int = HIDDEN, seed: int = 0) 
 
 
 def modern_tokenizer_json(path: Path) -> None:
-    """Rewrite a tokenizer.json written by `tokenizers` before 0.14 in the format current releases write (merges as
-    pairs, Metaspace's `prepend_scheme` and `split`, BPE's `ignore_merges`): what a model downloaded today ships, which
-    the old library cannot parse. A file already in that format is left as it is."""
+    """Rewrite a tokenizer.json in the format current `tokenizers` write (merges as pairs, Metaspace's
+    `prepend_scheme` and `split`, BPE's `ignore_merges`, as 0.20.3 and 0.23.3 write it) when an old one (0.13.3, A1111
+    1.10's) wrote it: what a model downloaded today ships, which the old library cannot parse. A file already in that
+    format is left as it is."""
     data = json.loads(path.read_text(encoding="utf-8"))
     model = data["model"]
     if model["merges"] and isinstance(model["merges"][0], str):

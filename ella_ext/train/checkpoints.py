@@ -27,6 +27,7 @@ from ..connector_file import (
     META_TOKEN_LENGTH,
     META_TRAINING,
     llm_key,
+    pooled_kind,
     read_training_facts,
     save_connector,
 )
@@ -118,7 +119,8 @@ def file_inputs(path: str | Path) -> dict:
 
 def connector_shape(shape: ConnectorConfig) -> dict:
     return {"width": shape.width, "layers": shape.layers, "heads": shape.heads, "latents": shape.num_latents,
-            "in_width": shape.in_width, "out_width": shape.out_width, "time_channels": shape.time_channels}
+            "in_width": shape.in_width, "out_width": shape.out_width, "time_channels": shape.time_channels,
+            "pooled": pooled_kind(shape), "pooled_width": shape.pooled_width}
 
 
 def check_resumable(config: Config, checkpoint: Path, shape: ConnectorConfig, llm: str) -> None:
@@ -127,7 +129,8 @@ def check_resumable(config: Config, checkpoint: Path, shape: ConnectorConfig, ll
     if not info_file.is_file():  # saved before run.json existed: loading reports a shape mismatch itself
         return
     info = json.loads(info_file.read_text(encoding="utf-8"))
-    saved, now = info.get("connector", {}), connector_shape(shape)
+    # a checkpoint saved before pools existed has none: "clip"
+    saved, now = {"pooled": "clip", **info.get("connector", {})}, connector_shape(shape)
     changed = [f"{key} {saved[key]} -> {now[key]}" for key in now if key in saved and saved[key] != now[key]]
     if changed:
         raise ConfigError(f"--resume {checkpoint.name}: the connector's shape changed since that checkpoint "

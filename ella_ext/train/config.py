@@ -73,6 +73,9 @@ KEYS: dict[str, dict[str, Key]] = {
         "latents": Key(int, None, "output tokens (64)", minimum=1),
         "out_width": Key(int, None, "output width (default: the UNet's context width)", minimum=1),
         "time_channels": Key(int, None, "sinusoidal timestep channels (320)", minimum=2),
+        "pooled": Key(str, "clip", "SDXL's pooled text vector: clip = CLIP-G's of the caption (as the WebUIs make "
+                                   "it); attention = an attention pool over the LLM features, trained with the "
+                                   "connector and saved in its file", choices=("clip", "attention")),
     },
     "data": {
         "resolution": Key(int, 512, "training resolution in pixels (bucket area = resolution^2)", minimum=8),
@@ -328,7 +331,13 @@ def _check_combinations(config: Config) -> None:
     if config.train["warmup_steps"] >= config.train["steps"] and config.train["lr_schedule"] != "constant":
         raise ConfigError(f"[train] warmup_steps = {config.train['warmup_steps']} leaves no step for the "
                           f"{config.train['lr_schedule']} decay of {config.train['steps']} steps; lower it.")
+    if config.connector["pooled"] == "attention" and config.model["family"] == "sd15":
+        raise ConfigError(POOLED_SD15)
     _check_validation(config.validation)
+
+
+POOLED_SD15 = ("[connector] pooled = 'attention' is for SDXL, whose UNet takes a pooled text vector; SD 1.5 takes "
+               "none. Remove the key (or set it to 'clip') for an SD 1.5 base.")
 
 
 def _check_validation(validation: dict[str, Any]) -> None:

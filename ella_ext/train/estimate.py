@@ -30,7 +30,7 @@ def _meta_sizes(config: Config) -> dict[str, int]:
     from transformers import AutoConfig, AutoModel, CLIPTextConfig, CLIPTextModelWithProjection
 
     from ..llm_files import T5_FAMILY
-    from .model import _config_folder, _single_file_family, is_single_file
+    from .model import _config_folder, _single_file_family, is_single_file, unet_pooled_width
 
     base = config.resolve(config.model["base"])
     refuse_pickle(base, "[model] base")
@@ -70,6 +70,7 @@ def _meta_sizes(config: Config) -> dict[str, int]:
             clip_config = CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2")
             counts["clip_g"] = _param_count(CLIPTextModelWithProjection(clip_config))
             counts["pooled_width"] = clip_config.projection_dim
+            counts["unet_pooled_width"] = unet_pooled_width(unet_config)
         if llm_config.model_type in T5_FAMILY:
             from transformers import T5EncoderModel
 
@@ -90,8 +91,10 @@ def estimate(config: Config, measure: bool = True, measure_steps: int = 3) -> di
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes = _meta_sizes(config)
-    shape = connector_config(config, sizes["family"], sizes["llm_width"], sizes["context_width"])
-    tsc = sum(p.numel() for p in _meta_connector(shape).parameters())
+    shape = connector_config(config, sizes["family"], sizes["llm_width"], sizes["context_width"],
+                             sizes.get("unet_pooled_width"))
+    meta = _meta_connector(shape)
+    tsc = sum(p.numel() for p in meta.parameters())  # with its attention pool, when it has one
     from .model import vae_dtype_for
     from .runtime import weight_dtype
 
@@ -123,6 +126,7 @@ def estimate(config: Config, measure: bool = True, measure_steps: int = 3) -> di
         "skipped": dict(skipped.counts),
         "cache_bytes": latent_bytes + feature_total,
         "tsc_parameters": tsc,
+        "pool_parameters": sum(p.numel() for p in meta.pool.parameters()) if meta.has_pool else 0,
         "frozen_parameters": {k: sizes[k] for k in ("unet", "vae", "clip_g", "llm") if k in sizes},
         "memory_weights_bytes": weights_memory(config, frozen, sizes["llm"], tsc, feature_bytes),
         "device": str(device),
@@ -153,7 +157,8 @@ def _measure(config: Config, steps: int) -> dict:
         base.unet.enable_gradient_checkpointing()
     encoder = load_encoder(config, device) if not config.train["cache"] else None
     width = encoder.hidden_size if encoder else _meta_sizes(config)["llm_width"]
-    connector = init_connector(connector_config(config, base.family, width, base.context_width), 0).to(device)
+    shape = connector_config(config, base.family, width, base.context_width, base.pooled_width)
+    connector = init_connector(shape, 0).to(device)
     optimizer = make_optimizer(config, list(connector.parameters()), peak_lr(config, base.family))
     connector, optimizer = accelerator.prepare(connector, optimizer)
     batch, side = config.train["batch_size"], config.data["resolution"]
@@ -194,7 +199,8 @@ def format_report(report: dict, config: Config) -> str:
         f"images: {report['images']}" + (f" (skipped: {report['skipped']})" if report["skipped"] else ""),
         f"cache on disk: {size_text(report['cache_bytes'])} (latents in the VAE's dtype, LLM features "
         f"{'padded to max_length' if config.model['token_length'] == 'fixed' else 'real tokens only'})",
-        f"TSC: {report['tsc_parameters'] / 1e6:.1f} M parameters",
+        f"TSC: {report['tsc_parameters'] / 1e6:.1f} M parameters"
+        + (f" (with its attention pool, {report['pool_parameters'] / 1e6:.1f} M)" if report["pool_parameters"] else ""),
         "frozen: " + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in report["frozen_parameters"].items()),
         f"memory per device, weights + gradients + optimiser: {size_text(report['memory_weights_bytes'])} "
         "(activations come on top)",

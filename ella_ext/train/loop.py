@@ -206,7 +206,8 @@ class _Run:
 
         config, accelerator = self.config, self.accelerator
         self.peak_lr = peak_lr(config, self.base.family)
-        self.shape = connector_config(config, self.base.family, self.llm_width, self.base.context_width)
+        self.shape = connector_config(config, self.base.family, self.llm_width, self.base.context_width,
+                                      self.base.pooled_width)
         self.llm_name = llm_name(config)
         if config.connector["init_from"]:
             check_same_inputs(config, f"[connector] init_from {Path(config.connector['init_from']).name}",

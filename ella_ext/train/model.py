@@ -50,6 +50,11 @@ class Base:
         return int(self.unet.config.cross_attention_dim)
 
     @property
+    def pooled_width(self) -> int | None:
+        """SDXL: the width of the pooled text vector the UNet takes (1280 for SDXL); None for SD 1.5."""
+        return unet_pooled_width(self.unet.config) if self.family == "sdxl" else None
+
+    @property
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -112,6 +117,15 @@ class Base:
         if self.family != "sdxl":
             return None
         return {"text_embeds": pooled.to(self.unet.device, dtype), "time_ids": time_ids.to(self.unet.device, dtype)}
+
+
+def unet_pooled_width(unet_config) -> int | None:
+    """The pooled text vector's width in an SDXL UNet's added conditions: the added embedding's input less the six
+    size / crop numbers' sinusoidal embeddings (SDXL: 2816 - 6 x 256 = 1280); None for a UNet without them."""
+    get = unet_config.get if isinstance(unet_config, dict) else lambda key: getattr(unet_config, key, None)
+    if get("addition_embed_type") != "text_time":
+        return None
+    return int(get("projection_class_embeddings_input_dim")) - 6 * int(get("addition_time_embed_dim"))
 
 
 def target_of(base: Base, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -328,9 +342,44 @@ def _config_folder(config: Config, family: str, base: str) -> str:
 # -- the connector ------------------------------------------------------------------------------------------------
 
 
-def connector_config(config: Config, family: str, llm_width: int, context_width: int) -> ConnectorConfig:
+def connector_config(config: Config, family: str, llm_width: int, context_width: int,
+                     pooled_width: int | None = None) -> ConnectorConfig:
     """The TSC's shape: from ``init_from`` when given (the config's keys must agree), else the family's defaults
-    overridden by the config."""
+    overridden by the config; with [connector] pooled = "attention", an attention pool to ``pooled_width`` (the
+    SDXL UNet's pooled vector width, ``Base.pooled_width``)."""
+    from dataclasses import replace
+
+    shape = _tsc_shape(config, family, llm_width, context_width)
+    return replace(shape, pooled_width=_pool_width(config, family, shape, pooled_width))
+
+
+def _pool_width(config: Config, family: str, shape: ConnectorConfig, pooled_width: int | None) -> int | None:
+    """The pool's output width for [connector] pooled, checked against the base and init_from's file: a file with
+    a pool trains on only with pooled = "attention" and the base's width; a file without one gets a new pool."""
+    from .config import POOLED_SD15
+
+    section = config.connector
+    name = Path(section["init_from"]).name if section["init_from"] else None
+    if section["pooled"] == "clip":
+        if shape.pooled_width is not None:
+            raise ConfigError(f"[connector] init_from {name} has an attention pool (its file says ella.pooled = "
+                              "attention) but [connector] pooled is 'clip': set pooled = 'attention' to train it "
+                              "on, or start from a connector without a pool.")
+        return None
+    if family != "sdxl":
+        raise ConfigError(POOLED_SD15)
+    if pooled_width is None:
+        raise ConfigError("[connector] pooled = 'attention': this SDXL UNet's config gives no pooled vector width.")
+    if shape.pooled_width is not None and shape.pooled_width != pooled_width:
+        raise ConfigError(f"[connector] init_from {name} pools to {shape.pooled_width} wide vectors but this base's "
+                          f"UNet takes {pooled_width}: it was made for another base. Start from a connector made "
+                          "for this base, or remove init_from.")
+    if name is not None and shape.pooled_width is None:
+        log.info("ELLA train: init_from %s has no attention pool; a new one is trained with it", name)
+    return pooled_width
+
+
+def _tsc_shape(config: Config, family: str, llm_width: int, context_width: int) -> ConnectorConfig:
     from ..connector_file import read_config
 
     section = config.connector
@@ -377,6 +426,8 @@ def init_connector(shape: ConnectorConfig, seed: int) -> Connector:
     model = Connector(shape)
     with torch.no_grad():
         for name, module in model.named_modules():
+            if name.startswith("pool."):  # drawn after the TSC's: a pool leaves the TSC's start as it was
+                continue
             if isinstance(module, torch.nn.Linear):
                 bound = 1.0 / math.sqrt(module.in_features)  # PyTorch's default (kaiming_uniform with a = sqrt(5))
                 module.weight.copy_(torch.empty_like(module.weight).uniform_(-bound, bound, generator=generator))
@@ -396,7 +447,24 @@ def init_connector(shape: ConnectorConfig, seed: int) -> Connector:
             block.attn.out_proj.bias.zero_()
         latents = model.connector.latents
         latents.copy_(torch.randn(latents.shape, generator=generator) * shape.width ** -0.5)
+        if model.has_pool:
+            _init_pool(model.pool, generator)
     return model
+
+
+def _init_pool(pool: torch.nn.Module, generator: torch.Generator) -> None:
+    """The attention pool's start: linears PyTorch's default, the query ~ N(0, 1/width), and the output projection
+    zero, so the pooled vector starts at 0 (what A1111 and Forge give SDXL for an empty negative prompt) and grows
+    from what training teaches it."""
+    for module in (pool.proj_in, pool.kv):
+        bound = 1.0 / math.sqrt(module.in_features)
+        module.weight.copy_(torch.empty_like(module.weight).uniform_(-bound, bound, generator=generator))
+        module.bias.copy_(torch.empty_like(module.bias).uniform_(-bound, bound, generator=generator))
+    pool.query.copy_(torch.randn(pool.query.shape, generator=generator) * pool.query.shape[0] ** -0.5)
+    pool.norm.weight.fill_(1.0)
+    pool.norm.bias.zero_()
+    pool.proj_out.weight.zero_()
+    pool.proj_out.bias.zero_()
 
 
 def load_or_init_connector(config: Config, shape: ConnectorConfig) -> Connector:
@@ -404,6 +472,10 @@ def load_or_init_connector(config: Config, shape: ConnectorConfig) -> Connector:
 
     if config.connector["init_from"]:
         model = load_connector(config.resolve(config.connector["init_from"]), "cpu", torch.float32)
+        if shape.pooled_width is not None and not model.has_pool:  # the file's TSC, a new pool beside it
+            tsc, model = model, init_connector(shape, config.train["seed"])
+            missing, unexpected = model.load_state_dict(tsc.state_dict(), strict=False)
+            assert not unexpected and all(key.startswith("pool.") for key in missing), (missing, unexpected)
     else:
         model = init_connector(shape, config.train["seed"])
     model.requires_grad_(True)

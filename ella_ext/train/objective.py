@@ -25,16 +25,21 @@ def compute_loss(connector, base, inputs: Inputs, accelerator, min_snr_gamma: fl
 
 def predict(connector, base, inputs: Inputs, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
     """The UNet's prediction on the noised latents with the connector's context, and the target it is scored
-    against (the noise for epsilon, v for v-prediction)."""
+    against (the noise for epsilon, v for v-prediction). SDXL's pooled text vector is the connector's attention
+    pool of the same features when it has one (its gradient trains the pool), else ``inputs.pooled`` (CLIP-G's)."""
     from .model import target_of
 
     dtype = base.unet.dtype
     noisy = base.scheduler.add_noise(inputs.latents, inputs.noise, inputs.timesteps)
     target = target_of(base, inputs.latents, inputs.noise, inputs.timesteps)
+    pooled = inputs.pooled
     with accelerator.autocast():
-        context = connector(inputs.features, inputs.timesteps.float(), inputs.mask)
+        if accelerator.unwrap_model(connector).has_pool:  # through the wrapper's forward: DDP sees the pool's use
+            context, pooled = connector(inputs.features, inputs.timesteps.float(), inputs.mask, return_pooled=True)
+        else:
+            context = connector(inputs.features, inputs.timesteps.float(), inputs.mask)
         prediction = base.unet(noisy.to(dtype), inputs.timesteps, encoder_hidden_states=context.to(dtype),
-                               added_cond_kwargs=base.added_conditions(inputs.pooled, inputs.time_ids, dtype)).sample
+                               added_cond_kwargs=base.added_conditions(pooled, inputs.time_ids, dtype)).sample
     return prediction, target
 
 

@@ -52,6 +52,7 @@ def training_record(config: Config, base, data, processes: int, lr: float, llm: 
         "base": base.name, "family": base.family, "prediction": base.prediction,
         "llm": llm, "llm_layer": model["llm_layer"], "token_length": model["token_length"],
         "max_length": model["max_length"],
+        **({"pooled": config.connector["pooled"]} if base.family == "sdxl" else {}),  # SDXL's pooled vector
         "lr": lr, "lr_schedule": train["lr_schedule"], "warmup_steps": train["warmup_steps"],
         "weight_decay": train["weight_decay"], "optimizer": train["optimizer"],
         "batch_size": train["batch_size"], "grad_accum": train["grad_accum"], "processes": processes,
@@ -117,9 +118,11 @@ def summary_lines(config: Config, base, data, record: dict, connector, done: int
     if llm:
         frozen["LLM"] = llm
     tsc = _parameters(connector)
+    pool = _parameters(getattr(connector, "pool", None))
     lines.append("frozen: " + ", ".join(f"{name} {count / 1e6:.1f} M" for name, count in frozen.items())
                  + (" (LLM features from the cache)" if data.cached else "")
-                 + f"; trained: the connector, {tsc / 1e6:.1f} M parameters")
+                 + f"; trained: the connector, {tsc / 1e6:.1f} M parameters"
+                 + (f" (its attention pool, SDXL's pooled vector: {pool / 1e6:.1f} M)" if pool else ""))
     memory = weights_memory(config, sum(v for k, v in frozen.items() if k != "LLM"), llm, tsc,
                             torch.empty((), dtype=feature_dtype).element_size())
     lines.append(f"memory per device for weights, gradients and optimiser: {size_text(memory)} (activations come "

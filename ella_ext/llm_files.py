@@ -35,12 +35,109 @@ def read_config(path_or_id: str):
             "models/ELLA/text_encoders, or give a Hugging Face hub id; offline, the model must be in the hub cache."
         ) from exc
     except (ValueError, KeyError) as exc:
-        import transformers
-
+        model_type = _declared_model_type(path_or_id)
+        if model_type:
+            raise TextEncoderError(family_message(path_or_id, model_type, exc)) from exc
         raise TextEncoderError(
-            f"{path_or_id!r} does not hold a model config.json that transformers {transformers.__version__} can read "
+            f"{path_or_id!r} does not hold a model config.json that transformers {installed_versions()[0]} can read "
             f"({exc!r}); if its model type is newer than this transformers, update transformers."
         ) from exc
+
+
+# The first transformers release that has each family (its models/<family>/ folder and its AutoConfig entry), read in
+# the released wheels: 4.27.4 lacks llama, 4.28.0 has it; 4.33.3 / 4.34.0 mistral; 4.36.2 / 4.37.0 qwen2;
+# 4.37.2 / 4.38.0 gemma; 4.40.2 / 4.41.0 phi3 (4.40 has no Phi-3); 4.41.2 / 4.42.0 gemma2.
+FIRST_TRANSFORMERS = {"llama": "4.28.0", "mistral": "4.34.0", "qwen2": "4.37.0", "gemma": "4.38.0",
+                      "phi3": "4.41.0", "gemma2": "4.42.0"}
+FAMILY_NAMES = {"t5": "T5", "mt5": "mT5", "umt5": "UMT5", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
+                "gemma": "Gemma", "gemma2": "Gemma 2", "phi3": "Phi-3", "phi": "Phi"}
+# The transformers of the WebUIs this extension runs in (requirements_versions.txt of each).
+A1111_TRANSFORMERS = "4.30.2"  # AUTOMATIC1111 1.10, and Forge classic (ldm_patched)
+FORGE_TRANSFORMERS = "4.46.1"  # Forge (its current backend/)
+_PINS = (f"AUTOMATIC1111 1.10 (and Forge classic) pin transformers {A1111_TRANSFORMERS}, and a newer one may break the "
+         "WebUI or other extensions")
+SENTENCEPIECE_FAMILIES = {"llama", "mistral", "gemma", "gemma2", "phi3"}  # a slow tokenizer.model in their releases
+
+
+def installed_versions() -> tuple[str, str]:
+    """The installed transformers and tokenizers versions (tests replace this to play an older WebUI)."""
+    import transformers
+
+    try:
+        import tokenizers
+
+        tokenizers_version = tokenizers.__version__
+    except ImportError:
+        tokenizers_version = "none"
+    return transformers.__version__, tokenizers_version
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def family_name(model_type: str) -> str:
+    return FAMILY_NAMES.get(model_type, model_type)
+
+
+def _local_file(path_or_id: str, name: str) -> Path | None:
+    """A file of a model folder, or of a hub id's copy in the hub cache; None when there is none."""
+    folder = Path(path_or_id).expanduser()
+    if folder.is_dir():
+        return folder / name if (folder / name).is_file() else None
+    with contextlib.suppress(Exception):  # not a hub id, or no cache: nothing to read
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path_or_id, name)
+        if isinstance(cached, str):
+            return Path(cached)
+    return None
+
+
+def _declared_model_type(path_or_id: str) -> str:
+    """config.json's model_type read as plain JSON (transformers may not know it), or "" when it cannot be read."""
+    import json
+
+    file = _local_file(path_or_id, "config.json")
+    try:
+        model_type = json.loads(file.read_text(encoding="utf-8")).get("model_type") if file else None
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return model_type if isinstance(model_type, str) else ""
+
+
+def _known_model_types() -> set[str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return set(CONFIG_MAPPING_NAMES)
+
+
+def _update_advice(needed: str, family: str) -> str:
+    """What to do when this transformers is too old for ``family``: Forge where its transformers has it, or an update
+    in this WebUI (with its risk), or another LLM."""
+    in_forge = bool(needed) and _version(needed) <= _version(FORGE_TRANSFORMERS)
+    forge = f"run it in the current Forge (its transformers {FORGE_TRANSFORMERS} has {family}), or " if in_forge else ""
+    pin = f"transformers=={FORGE_TRANSFORMERS}" if in_forge else f'"transformers>={needed}"' if needed else (
+        "-U transformers")
+    known = ", ".join(name for model_type, name in FAMILY_NAMES.items() if model_type in _known_model_types())
+    return (f"To use it, {forge}update transformers in this WebUI's own Python environment (pip install {pin}, which "
+            f"brings a newer tokenizers too): {_PINS} (pip install transformers=={installed_versions()[0]} undoes it). "
+            f"Or choose an LLM of a family this transformers has ({known}).")
+
+
+def family_message(path_or_id: str, model_type: str, exc: BaseException) -> str:
+    """Why transformers cannot read a config.json that names ``model_type``, and what to do."""
+    installed = installed_versions()[0]
+    family = family_name(model_type)
+    needed = FIRST_TRANSFORMERS.get(model_type, "")
+    if model_type not in _known_model_types():
+        need = (f"{family} needs transformers {needed} or later" if needed
+                else f"it needs a transformers newer than {installed}")
+        return (f"{path_or_id!r} is a {family} model (config.json's model_type {model_type!r}), which this "
+                f"transformers ({installed}) does not know: {need}. {_update_advice(needed, family)}")
+    return (f"{path_or_id!r} is a {family} model (model_type {model_type!r}) whose config.json transformers "
+            f"{installed} cannot read ({exc!r}): later releases of a family can need a newer transformers than the "
+            f"family's first. {_update_advice('', family)}")
 
 
 def read_tokenizer(path_or_id: str, model_type: str):
@@ -54,15 +151,60 @@ def read_tokenizer(path_or_id: str, model_type: str):
         if not callable(tokenizer):  # seen: transformers 4.46 returns False for an unreadable spiece.model
             raise ValueError(f"transformers returned {tokenizer!r} for it")
     except Exception as exc:  # transformers and sentencepiece raise many types here, varying by version
-        raise TextEncoderError(
-            f"The tokenizer of {path_or_id!r} could not be loaded ({exc}). The folder needs its tokenizer files "
-            "(spiece.model for T5); sentencepiece must be installed."
-        ) from exc
+        raise TextEncoderError(tokenizer_message(path_or_id, model_type, exc)) from exc
     _check_vocabulary(tokenizer, path_or_id)
     if tokenizer.pad_token is None:  # decoder-only LLMs often have none; padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def tokenizer_message(path_or_id: str, model_type: str, exc: BaseException) -> str:
+    """Why a tokenizer did not load, naming the files this family's tokenizer reads and what to do."""
+    family = family_name(model_type)
+    unreadable = _unreadable_tokenizer_json(_local_file(path_or_id, "tokenizer.json"))
+    if unreadable:
+        transformers_version, tokenizers_version = installed_versions()
+        if _local_file(path_or_id, "tokenizer.model"):
+            fix = ("A slow tokenizer file helps, and the folder has one (the sentencepiece tokenizer.model): move "
+                   "tokenizer.json out of the folder and the slow tokenizer reads tokenizer.model instead. Or ")
+        elif model_type in SENTENCEPIECE_FAMILIES:
+            fix = (f"A slow tokenizer file helps: put the sentencepiece tokenizer.model of the {family} release this "
+                   "folder comes from in it, and move tokenizer.json out. Or ")
+        else:
+            fix = "To use it, "
+        return (f"The tokenizer.json of the {family} model {path_or_id!r} cannot be read by this tokenizers library "
+                f"({tokenizers_version}, with transformers {transformers_version}): it was written by a newer "
+                f"tokenizers ({unreadable}). {fix}run it in the current Forge (its transformers {FORGE_TRANSFORMERS} "
+                "reads it), or update transformers in this WebUI's own Python environment, which brings a newer "
+                f"tokenizers: {_PINS}.")
+    if model_type in T5_FAMILY:
+        files = "spiece.model, and sentencepiece must be installed"
+    elif model_type in SENTENCEPIECE_FAMILIES:
+        files = "tokenizer.json or the sentencepiece tokenizer.model, with tokenizer_config.json"
+    else:
+        files = "tokenizer.json, or the files its tokenizer class reads, with tokenizer_config.json"
+    return (f"The tokenizer of the {family} model {path_or_id!r} could not be loaded ({exc}). The folder needs its "
+            f"tokenizer files ({files}).")
+
+
+def _unreadable_tokenizer_json(file: Path | None) -> str:
+    """Why the installed tokenizers library cannot parse ``file``, a well-formed JSON file (its error), or "" when it
+    can, or there is none, or it is no JSON at all (a damaged file is not a format question)."""
+    import json
+
+    if file is None:
+        return ""
+    try:
+        json.loads(file.read_text(encoding="utf-8"))
+        from tokenizers import Tokenizer
+    except (OSError, ValueError, ImportError):
+        return ""
+    try:
+        Tokenizer.from_file(str(file))
+    except Exception as exc:  # the Rust parser raises plain Exception: "data did not match any variant of ..."
+        return str(exc)
+    return ""
 
 
 def _tokenizer_kwargs(path_or_id: str) -> dict:

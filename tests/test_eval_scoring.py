@@ -94,6 +94,17 @@ def test_official_quirks_broad_category_splits_at_the_first_hyphen():
     assert score([item], answers, 1, official_quirks=True)["categories"] == {"entity": 100.0, "global": 0.0}
 
 
+def test_a_category_without_a_subcategory_is_named_cleanly():
+    item = _item("g", Question(1, "q", (), "global -"), Question(2, "q", (), "entity - whole"))
+    answers = {("g", 0): {1: True, 2: False}}
+    ours = score([item], answers, 1)
+    assert ours["subcategories"] == {"entity - whole": 0.0, "global": 100.0}
+    assert ours["categories"] == {"entity": 0.0, "global": 100.0}
+    official = score([item], answers, 1, official_quirks=True)  # the official script's names, as it prints them
+    assert official["subcategories"] == {"entity - whole": 0.0, "global -": 100.0}
+    assert official["categories"] == {"entity": 0.0, "global": 100.0}
+
+
 def test_missing_answers_are_an_error_not_a_zero():
     with pytest.raises(KeyError, match="image 1"):
         score([CHAIN], {("chain", 0): {1: True, 2: True, 3: True}}, images=2)
@@ -118,7 +129,7 @@ def test_reads_dpg_bench_csv(tmp_path):
     a, b = questions.items
     assert (a.id, a.prompt, b.prompt) == ("a1", "a cat", "two dogs, one big")
     assert b.questions[2] == Question(3, "Are there two dogs?", (1, 2), "other - count")
-    assert b.questions[2].broad == "other" and a.questions[0].parents == ()
+    assert a.questions[0].parents == ()
     assert len(questions.digest) == 64
 
 
@@ -143,6 +154,8 @@ def test_csv_problems_name_the_line(tmp_path):
         read_questions(bad)
     with pytest.raises(QuestionsError, match="no such file.*dpg_bench.csv"):
         read_questions(tmp_path / "dpg_bench.csv")
+    with pytest.raises(QuestionsError, match="--official-quirks left no prompt"):
+        read_questions(_csv(tmp_path, ROWS[:2]), official_quirks=True)
 
 
 def test_reads_our_jsonl(tmp_path):

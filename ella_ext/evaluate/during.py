@@ -3,7 +3,8 @@ the connector being trained, scored by the same rule as ``eval`` and logged as `
 per broad category) beside the loss.
 
 The main process makes the images and asks the judge (the other processes wait), so keep the question file small:
-a few dozen prompts. The judge stays loaded for the whole run. Images use ``eval``'s seeds, so a step's images are the
+a few dozen prompts. The judge is loaded at the start (a judge that cannot load stops the run before its first step)
+and stays loaded for the whole run. Images use ``eval``'s seeds, so a step's images are the
 ones ``eval`` makes of the saved connector with the same settings.
 """
 
@@ -30,7 +31,6 @@ class TrainingJudge:
 
     def __init__(self, config, accelerator, base, encoder, done: int = 0):
         from ..train.config import ConfigError
-        from ..train.runtime import token_max_length
         from .judges import check_judge
 
         validation = config.validation
@@ -43,17 +43,15 @@ class TrainingJudge:
         self.questions = read_questions(Path(config.resolve(validation["questions"])))
         self.judge_spec = config.resolve(validation["judge"])
         check_judge(self.judge_spec)
-        self.judge = None
         self.main = accelerator.is_main_process
-        max_length = token_max_length(config)
+        self.judge = None
+        if self.main:  # loaded now: a judge that cannot load (or does not fit in memory) stops the run at its start
+            from .judges import load_judge
+            from .models import encode_text
 
-        def encode(text: str):
-            features, mask = encoder.encode([text], max_length)
-            return features.cpu(), (mask.cpu() if max_length is None else None)
-
-        self.features = {item.id: encode(item.prompt) for item in self.questions.items} if self.main else {}
-        self.empty = encode("") if self.main else None
-        if self.main:
+            self.judge = load_judge(self.judge_spec, accelerator.device)
+            self.features = {item.id: encode_text(encoder, config, item.prompt) for item in self.questions.items}
+            self.empty = encode_text(encoder, config, "")
             self.pooled = {item.id: base.pooled([item.prompt]) for item in self.questions.items}
             self.empty_pooled = base.pooled([""])
             log.info("ELLA train: the judge %s scores %d prompt(s) x %d image(s) from %s every %d steps",
@@ -74,10 +72,7 @@ class TrainingJudge:
 
     def _score(self, connector, step: int) -> dict:
         from ..train.sample import connector_contexts, denoise
-        from .judges import load_judge
 
-        if self.judge is None:
-            self.judge = load_judge(self.judge_spec, self.accelerator.device)
         device = self.accelerator.device
         was_training = connector.training
         connector.eval()

@@ -42,11 +42,6 @@ class Question:
     parents: tuple[int, ...] = ()
     category: str = "other"  # the fine category (DPG-Bench's "L2"), e.g. "entity - whole"
 
-    @property
-    def broad(self) -> str:
-        """The broad category ("L1"): the category's text before " - "."""
-        return self.category.split(" - ")[0].strip()
-
 
 @dataclass
 class Item:
@@ -100,6 +95,8 @@ def read_questions(path: Path, official_quirks: bool = False) -> QuestionSet:
         raise QuestionsError(f"{path.name}: give DPG-Bench's .csv or a .jsonl question file (see README, "
                              "\"Evaluating connectors\").")
     if not items:
+        if notes:
+            raise QuestionsError(f"{path.name}: --official-quirks left no prompt ({'; '.join(notes)}).")
         raise QuestionsError(f"{path.name} holds no questions.")
     for item in items:
         _check_parents(item, path.name, allow_missing=official_quirks)

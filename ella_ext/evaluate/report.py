@@ -111,11 +111,9 @@ def write_report(output: Path, content: dict, question_set: QuestionSet, records
                          f"<div class='imgs'>{''.join(figures)}</div><ul class='fails'>{fails}</ul></div>")
         parts.append("</div>")
     parts.append("</body></html>")
-    path = output / "report.html"
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("\n".join(parts), encoding="utf-8")
-    partial.replace(path)
-    return path
+    from .results import write_text
+
+    return write_text(output / "report.html", "\n".join(parts))
 
 
 def _value(result: dict, section: str, key: str | None) -> float:

@@ -8,15 +8,11 @@ answer when its image key, judge and question match. Models load only for the wo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import hashlib
 import json
 import logging
-import os
 import re
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +20,13 @@ from pathlib import Path
 import torch
 
 from ..errors import ELLAError
-from .questions import Item, QuestionSet, read_questions
-from .scoring import paired_difference, score
+from .questions import Item, read_questions
+from .results import write_atomic, write_results, write_text
 
 log = logging.getLogger("ella")
 KEY_CHUNK = "ella-eval"  # the PNG text chunk holding an image's key
 ANSWER_PARTS = "answers"  # folder of per-process answer files (appended while judging; kept for resuming)
-JUDGE_FILE = "judge.json"  # in ANSWER_PARTS: how the judge described itself (for an eval whose answers are reused)
+ANSWER_FIELDS = ("answer", "yes", "margin")  # what a judge said (the rest of a record is named afresh on reuse)
 
 
 class EvalError(ELLAError):
@@ -52,11 +48,14 @@ class Settings:
     images: int
     official_quirks: bool
     judge: str  # the judge as the user gave it
+    judge_key: str  # what answers are keyed by: the judge's name and a fingerprint of its files (judges.identity)
     judge_batch: int = 16
+    judge_dtype: str = "auto"
+    image_batch: int = 0  # images per UNet batch (0: all of a prompt's)
 
-    @property
-    def judge_key(self) -> str:
-        return self.judge if not Path(self.judge).exists() else Path(self.judge).resolve().name
+    def judge_file(self, output: Path) -> Path:
+        """How the judge described itself, per judge (an eval whose answers are all reused loads no judge)."""
+        return output / ANSWER_PARTS / f"judge-{hashlib.sha1(self.judge_key.encode()).hexdigest()[:12]}.json"
 
 
 def image_seed(seed: int, prompt: str, index: int) -> int:
@@ -66,10 +65,26 @@ def image_seed(seed: int, prompt: str, index: int) -> int:
 
 
 def safe_name(text: str) -> str:
+    """A file name for an item id: ids that needed changes, or hold capitals (which macOS and Windows file systems
+    fold), get a hash of the id, so two ids never share a file."""
     name = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:80]
-    if name != text:
+    if name != text or name != name.lower():
         name += "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
     return name
+
+
+def fingerprint(value: str) -> str:
+    """A cheap identity of a local model file or folder: its name and a hash of its files' names, sizes and change
+    times (a re-download or an edit changes it; nothing is read); anything else (a hub id) as written."""
+    path = Path(value).expanduser() if value else None
+    if path is None or not path.exists():
+        return value
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f.relative_to(path) if f != path else f.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return f"{path.name}@{digest.hexdigest()[:12]}"
 
 
 def file_digest(path: Path) -> str:
@@ -117,27 +132,40 @@ def make_contestants(config, connectors: list[Path], baseline: bool) -> list[Con
     return result
 
 
+def adopt_image_folders(output: Path, contestants: list[Contestant]) -> None:
+    """A connector renamed since an earlier eval keeps its images: its folder (named by file and digest) is found by
+    the digest and renamed."""
+    images = output / "images"
+    for c in contestants:
+        if c.kind != "connector" or (images / c.folder).exists() or not images.is_dir():
+            continue
+        earlier = sorted(images.glob(f"*-{c.digest[:8]}"))
+        if earlier:
+            earlier[0].rename(images / c.folder)
+            log.info("ELLA eval: %s's images were made as %s; reused", c.key, earlier[0].name)
+
+
 # -- the run -------------------------------------------------------------------------------------------------------
 
 
 def evaluate(config, connectors: list[Path], baseline: bool, questions: Path, judge: str, images: int = 4,
              limit: int | None = None, output: Path = Path("eval"), official_quirks: bool = False,
-             judge_batch: int = 16) -> dict | None:
+             judge_batch: int = 16, judge_dtype: str = "auto", image_batch: int = 0) -> dict | None:
     """Run the eval; the main process returns eval.json's content (other processes None)."""
     from ..train.runtime import make_accelerator
+    from .judges import check_judge, identity
 
     if images < 1:
         raise EvalError("--images-per-prompt must be at least 1.")
     question_set = read_questions(questions, official_quirks).limited(limit)
     contestants = make_contestants(config, connectors, baseline)
-    from .judges import check_judge
-
     check_judge(judge)  # a judge that cannot load is refused now, not after hours of image making
-    settings = Settings(images, official_quirks, judge, judge_batch)
+    settings = Settings(images, official_quirks, judge, identity(judge), judge_batch, judge_dtype, image_batch)
     accelerator = make_accelerator(config)
     output = Path(output)
     if accelerator.is_main_process:
         (output / ANSWER_PARTS).mkdir(parents=True, exist_ok=True)
+        adopt_image_folders(output, contestants)
     accelerator.wait_for_everyone()
     share = question_set.items[accelerator.process_index :: accelerator.num_processes]
     work = _Work(config, contestants, settings, output, accelerator)
@@ -149,7 +177,7 @@ def evaluate(config, connectors: list[Path], baseline: bool, questions: Path, ju
         records = gather_object(records)
     result = None
     if accelerator.is_main_process:
-        described = output / ANSWER_PARTS / JUDGE_FILE  # written by whichever process loaded the judge last
+        described = settings.judge_file(output)  # written by whichever process loaded this judge
         details = work.judge_details or (json.loads(described.read_text(encoding="utf-8"))
                                          if described.is_file() else None)
         result = write_results(output, config, question_set, contestants, settings, records, details,
@@ -166,6 +194,7 @@ class _Work:
         self.main = accelerator.is_main_process
         self.judge_details: dict | None = None
         self._trained: dict[str, object] = {}  # contestant key -> the config as its connector was trained
+        self._model_keys: dict[str, dict] = {}
 
     # -- images ----------------------------------------------------------------------------------------------------
 
@@ -173,18 +202,33 @@ class _Work:
         return self.output / "images" / contestant.folder / f"{safe_name(item.id)}-{index}.png"
 
     def image_key(self, contestant: Contestant, item: Item, index: int) -> dict:
-        from ..train.model import short_name
-
+        """Everything that decides an image's pixels: an image on disk is reused only when its key is this one."""
         sample = self.config.sample
-        key = {"contestant": contestant.digest, "prompt": item.prompt,
-               "seed": image_seed(sample["seed"], item.prompt, index), "steps": sample["steps"], "cfg": sample["cfg"],
-               "side": sample["resolution"] or self.config.data["resolution"],
-               "base": short_name(self.config.resolve(self.config.model["base"])),
-               "dtype": self.config.train["mixed_precision"]}
+        return {"contestant": contestant.digest, "prompt": item.prompt,
+                "seed": image_seed(sample["seed"], item.prompt, index), **self._models_key(contestant)}
+
+    def _models_key(self, contestant: Contestant) -> dict:
+        """The settings and models part of the image key (the files' fingerprints are taken once per eval)."""
+        from ..train.runtime import llm_dtype
+
+        if contestant.key in self._model_keys:
+            return self._model_keys[contestant.key]
+        config, sample, model = self.config, self.config.sample, self.config.model
+        key = {"steps": sample["steps"], "cfg": sample["cfg"],
+               "side": sample["resolution"] or config.data["resolution"],
+               "base": fingerprint(config.resolve(model["base"])),
+               "base_config": fingerprint(config.resolve(model["base_config"])),
+               "vae": fingerprint(config.resolve(model["vae"])), "vae_dtype": model["vae_dtype"],
+               "family": model["family"], "prediction": model["prediction"],
+               "precision": config.train["mixed_precision"], "device": self.device.type}
         if contestant.kind == "connector":
-            model = self._as_trained(contestant).model
-            key["llm"] = [short_name(self.config.resolve(model["llm"])), model["llm_layer"], model["token_length"],
-                          model["max_length"], model["llm_dtype"]]
+            trained = self._as_trained(contestant)
+            key["llm"] = [fingerprint(config.resolve(trained.model["llm"])), trained.model["llm_layer"],
+                          trained.model["token_length"], trained.model["max_length"],
+                          str(llm_dtype(trained, self.device))]
+        else:
+            key["negative"] = "empty text (SD 1.5) / zeros (SDXL)"
+        self._model_keys[contestant.key] = key
         return key
 
     def _as_trained(self, contestant: Contestant):
@@ -219,8 +263,10 @@ class _Work:
             return
         if count < total:
             log.info("ELLA eval: %d of %d images are made already; making the other %d", total - count, total, count)
-        models = _Models(self.config, self.device, any(c.kind == "connector" and todo[c.key]
-                                                       for c in self.contestants))
+        from .models import ImageModels
+
+        models = ImageModels(self.config, self.device, any(c.kind == "connector" and todo[c.key]
+                                                           for c in self.contestants))
         progress = tqdm(total=count, desc="images", disable=not self.main, dynamic_ncols=True)
         try:
             for contestant in self.contestants:
@@ -230,36 +276,40 @@ class _Work:
             progress.close()
             models.close()
 
-    def _contestant_images(self, contestant: Contestant, todo: list[tuple[Item, int]], models: _Models,
-                           progress) -> None:
+    def _contestant_images(self, contestant: Contestant, todo: list[tuple[Item, int]], models, progress) -> None:
         from ..train.sample import connector_contexts, denoise
+        from .models import free
 
         by_item: dict[str, list[int]] = {}
         items = {}
         for item, index in todo:
             by_item.setdefault(item.id, []).append(index)
             items[item.id] = item
-        if contestant.kind == "connector":
-            connector = models.connector(contestant.path)
-            trained = self._as_trained(contestant)
+        connector = models.connector(contestant.path) if contestant.kind == "connector" else None
+        batch = self.settings.image_batch or self.settings.images
         for item_id, indexes in by_item.items():
             item = items[item_id]
-            seeds = [image_seed(self.config.sample["seed"], item.prompt, i) for i in indexes]
-            if contestant.kind == "connector":
+            if connector is not None:
+                trained = self._as_trained(contestant)
                 text, empty = models.features(trained, item.prompt), models.features(trained, "")
                 context_at = connector_contexts(connector, text, empty, self.device)
                 pooled, empty_pooled = models.pooled(item.prompt), models.pooled("")
             else:
                 (rows, pooled), (empty_rows, empty_pooled) = models.baseline(item.prompt), models.baseline("")
+                if models.base.family == "sdxl":  # diffusers' SDXL pipeline: zeros for an empty negative prompt
+                    empty_rows, empty_pooled = torch.zeros_like(rows), torch.zeros_like(pooled)
 
                 def context_at(t, rows=rows, empty_rows=empty_rows):
                     return rows.to(self.device), empty_rows.to(self.device)
-            made = denoise(self.config, models.base, context_at, seeds, pooled, empty_pooled, item.prompt)
-            for index, image in zip(indexes, made):
-                self._save_image(image, contestant, item, index)
-                progress.update(1)
-        if contestant.kind == "connector":
-            models.drop_connector()
+            for start in range(0, len(indexes), batch):
+                chunk = indexes[start : start + batch]
+                seeds = [image_seed(self.config.sample["seed"], item.prompt, i) for i in chunk]
+                made = denoise(self.config, models.base, context_at, seeds, pooled, empty_pooled, item.prompt)
+                for index, image in zip(chunk, made):
+                    self._save_image(image, contestant, item, index)
+                    progress.update(1)
+        del connector
+        free(self.device)
 
     def _save_image(self, image, contestant: Contestant, item: Item, index: int) -> None:
         from PIL.PngImagePlugin import PngInfo
@@ -275,9 +325,7 @@ class _Work:
         info.add_text(KEY_CHUNK, json.dumps(key, sort_keys=True))
         path = self.image_path(contestant, item, index)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        image.save(partial, format="PNG", pnginfo=info)
-        os.replace(partial, path)  # a killed eval leaves no half-written image behind
+        write_atomic(path, lambda partial: image.save(partial, format="PNG", pnginfo=info))
 
     # -- answers ---------------------------------------------------------------------------------------------------
 
@@ -296,21 +344,24 @@ class _Work:
                 for index in range(self.settings.images):
                     rows = self._records(contestant, item, index)
                     found = [known.get(self.answer_key(r)) for r in rows]
-                    if all(found):
-                        records += found
+                    if all(found):  # the judge's words from before; names and paths as they are now
+                        records += [{**row, **{k: f[k] for k in ANSWER_FIELDS}} for row, f in zip(rows, found)]
                     else:
                         todo.append((contestant, item, index, rows))
         if not todo:
             return records
         from .judges import load_judge
 
-        judge = load_judge(self.settings.judge, self.device, batch_size=self.settings.judge_batch)
+        dtype = None if self.settings.judge_dtype == "auto" else getattr(torch, self.settings.judge_dtype)
+        judge = load_judge(self.settings.judge, self.device, dtype, batch_size=self.settings.judge_batch)
         self.judge_details = judge.describe()
-        described = self.output / ANSWER_PARTS / JUDGE_FILE
-        _write_text(described.with_name(f"judge-{self.accelerator.process_index}.json"),
-                    json.dumps(self.judge_details, default=str))
-        os.replace(described.with_name(f"judge-{self.accelerator.process_index}.json"), described)
-        part = self.output / ANSWER_PARTS / f"part-{self.accelerator.process_index}.jsonl"
+        rank = self.accelerator.process_index
+        described = self.settings.judge_file(self.output)
+        mine = write_text(described.with_name(f"{described.stem}.{rank}.json"),
+                          json.dumps(self.judge_details, default=str))
+        mine.replace(described)  # every process loading this judge writes the same description
+        part = self.output / ANSWER_PARTS / f"part-{rank}.jsonl"
+        _end_line(part)
         progress = tqdm(total=len(todo), desc="judging", disable=not self.main, dynamic_ncols=True)
         try:
             with open(part, "a", encoding="utf-8") as out:
@@ -339,6 +390,17 @@ class _Work:
                  "judge": self.settings.judge_key, "question_id": q.id, "question": q.text} for q in item.questions]
 
 
+def _end_line(path: Path) -> None:
+    """A part file cut short mid-line by a killed eval gets its line ended, so the next record starts a line."""
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as handle:
+            handle.seek(-1, 2)
+            ended = handle.read(1) == b"\n"
+        if not ended:
+            with open(path, "ab") as handle:
+                handle.write(b"\n")
+
+
 def read_answer_parts(output: Path) -> Iterator[dict]:
     folder = output / ANSWER_PARTS
     for part in sorted(folder.glob("part-*.jsonl")) if folder.is_dir() else []:
@@ -351,150 +413,3 @@ def read_answer_parts(output: Path) -> Iterator[dict]:
                 yield record
 
 
-class _Models:
-    """The base, the LLM and the base's CLIP for making images; the LLM's features and CLIP's rows cached per text."""
-
-    def __init__(self, config, device, need_llm: bool):
-        from ..train.model import load_base
-        from ..train.runtime import load_encoder, weight_dtype
-
-        self.config, self.device = config, device
-        self.base = load_base(config, device, weight_dtype(config))
-        self.encoder = load_encoder(config, device) if need_llm else None
-        self.base_text = None
-        self._connector = None
-        self._features: dict[tuple, tuple] = {}
-        self._pooled: dict[str, torch.Tensor | None] = {}
-        self._clip: dict[str, tuple] = {}
-
-    def connector(self, path: Path):
-        from .. import load_connector
-        from ..train.cli import check_connector_fits_base
-
-        connector = load_connector(path, self.device, torch.float32)
-        check_connector_fits_base(path, connector, self.base)
-        self.encoder.check_fits(connector.config.in_width, path.name)
-        self._connector = connector
-        return connector
-
-    def drop_connector(self) -> None:
-        self._connector = None
-        _free(self.device)
-
-    def features(self, trained, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from ..train.runtime import token_max_length
-
-        model = trained.model
-        key = (model["llm_layer"], model["token_length"], model["max_length"], text)
-        if key not in self._features:
-            encoder = self.encoder if self.encoder.layer is None else self.encoder.with_layer(model["llm_layer"])
-            max_length = token_max_length(trained)
-            features, mask = encoder.encode([text], max_length)
-            self._features[key] = (features.cpu(), None if max_length is not None else mask.cpu())
-        return self._features[key]
-
-    def pooled(self, text: str) -> torch.Tensor | None:
-        if text not in self._pooled:
-            pooled = self.base.pooled([text])
-            self._pooled[text] = None if pooled is None else pooled.cpu()
-        return self._pooled[text]
-
-    def baseline(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.base_text is None:
-            from ..train.runtime import weight_dtype
-            from .baseline import load_base_text
-
-            self.base_text = load_base_text(self.config, self.base, self.device, weight_dtype(self.config))
-        if text not in self._clip:
-            rows, pooled = self.base_text.encode(text)
-            self._clip[text] = (rows.cpu(), None if pooled is None else pooled.cpu())
-        return self._clip[text]
-
-    def close(self) -> None:
-        self.base = self.encoder = self.base_text = self._connector = None
-        self._features.clear()
-        _free(self.device)
-
-
-def _free(device) -> None:
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-
-
-# -- results -------------------------------------------------------------------------------------------------------
-
-
-def write_results(output: Path, config, question_set: QuestionSet, contestants: list[Contestant], settings: Settings,
-                  records: list[dict], judge_details: dict | None, processes: int) -> dict:
-    """answers.jsonl (in contestant, prompt, image, question order), eval.json and report.html."""
-    from .report import write_report
-
-    order = {c.key: i for i, c in enumerate(contestants)}
-    items = {item.id: i for i, item in enumerate(question_set.items)}
-    records = sorted(records, key=lambda r: (order[r["contestant"]], items[r["item_id"]], r["image"],
-                                             r["question_id"]))
-    _write_text(output / "answers.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    results = {}
-    for contestant in contestants:
-        answers: dict[tuple[str, int], dict[int, bool]] = {}
-        for r in records:
-            if r["contestant"] == contestant.key:
-                answers.setdefault((r["item_id"], r["image"]), {})[r["question_id"]] = r["yes"]
-        results[contestant.key] = score(question_set.items, answers, settings.images, settings.official_quirks)
-    content = {
-        "results": results,
-        "comparisons": comparisons(results),
-        "contestants": {c.key: {"kind": c.kind, "images": f"images/{c.folder}", **c.details} for c in contestants},
-        "judge": judge_details or {"name": settings.judge_key},
-        "questions": {"file": question_set.name, "format": question_set.format, "sha256": question_set.digest,
-                      "prompts": len(question_set.items), "questions": question_set.question_count,
-                      "official_quirks": settings.official_quirks, "notes": question_set.notes},
-        "settings": _settings(config, settings),
-        "versions": _versions(),
-        "processes": processes,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    _write_text(output / "eval.json", json.dumps(content, indent=2, sort_keys=False) + "\n")
-    write_report(output, content, question_set, records)
-    return content
-
-
-def comparisons(results: dict) -> dict:
-    """Each contestant against the reference (the baseline when scored, else the first connector), prompt by prompt."""
-    if len(results) < 2:
-        return {}
-    reference = "baseline" if "baseline" in results else next(iter(results))
-    return {name: {"against": reference, **paired_difference(result["prompts"], results[reference]["prompts"])}
-            for name, result in results.items() if name != reference}
-
-
-def _settings(config, settings: Settings) -> dict:
-    from ..train.model import short_name
-
-    sample = config.sample
-    return {"images_per_prompt": settings.images, "sampler": "DDIM", "steps": sample["steps"], "cfg": sample["cfg"],
-            "resolution": sample["resolution"] or config.data["resolution"], "negative": "the empty text",
-            "seed": sample["seed"], "image_seeds": "sha256 of (seed, prompt, image index): the same for every "
-                                                   "contestant",
-            "base": short_name(config.resolve(config.model["base"])),
-            "llm": short_name(config.resolve(config.model["llm"])),
-            "precision": config.train["mixed_precision"]}
-
-
-def _versions() -> dict:
-    import importlib.metadata
-
-    from .. import __version__
-
-    versions = {"ella_ext": __version__, "torch": torch.__version__}
-    for name in ("transformers", "diffusers", "accelerate"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[name] = importlib.metadata.version(name)
-    return versions
-
-
-def _write_text(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)

@@ -31,6 +31,12 @@ def after_parents(item: Item, yes: Mapping[int, bool], file_order: bool = False)
     return scores
 
 
+def fine_category(category: str, official_quirks: bool = False) -> str:
+    """The fine category as reported: the tuple's text before "(" (a dangling " -", as in ``global - (x)``, dropped
+    unless the official scorer's names are asked for)."""
+    return category if official_quirks else category.rstrip(" -").strip() or category
+
+
 def broad_category(category: str, official_quirks: bool = False) -> str:
     return category.split("-" if official_quirks else " - ")[0].strip()
 
@@ -53,7 +59,7 @@ def score(items: list[Item], answers: Answers, images: int, official_quirks: boo
             image_scores.append(sum(scores.values()) / len(scores))
             if not official_quirks:
                 for q in item.questions:
-                    fine[q.category].append(scores[q.id])
+                    fine[fine_category(q.category)].append(scores[q.id])
         if official_quirks:  # the last image's answers, before the parent rule
             last = answers[(item.id, images - 1)]
             for q in item.questions:

@@ -96,6 +96,12 @@ def _eval_parser(sub) -> None:
                                "the last image's answers before the parent rule), to compare with published tables")
     evaluate.add_argument("--judge-batch", type=int, default=16, metavar="N",
                           help="questions the judge answers at once (default 16)")
+    evaluate.add_argument("--judge-dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
+                          help="the judge's precision (auto: float32 on a CPU; on a GPU bfloat16 for models released "
+                               "in it, else float16)")
+    evaluate.add_argument("--image-batch", type=int, default=0, metavar="N",
+                          help="images per UNet batch (default: all of a prompt's images at once; lower it if "
+                               "memory runs out)")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -205,7 +211,8 @@ def _eval(config, args) -> int:
         raise ConfigError("--limit must be at least 1.")
     try:
         result = evaluate(config, args.connector, args.baseline, args.questions, args.vqa, args.images_per_prompt,
-                          args.limit, args.output, args.official_quirks, max(1, args.judge_batch))
+                          args.limit, args.output, args.official_quirks, max(1, args.judge_batch), args.judge_dtype,
+                          max(0, args.image_batch))
     except KeyboardInterrupt:
         print(f"Interrupted. The images and answers made so far are kept in {args.output}: run the same command "
               "again to continue.", file=sys.stderr)
@@ -256,8 +263,8 @@ def check_connector_fits_base(path: Path, connector, base) -> None:
     if width != base.context_width or (family and family != base.family):
         made_for = f"an {family} base" if family else f"a UNet with a {width}-wide context"
         raise ConfigError(f"{path.name} was made for {made_for} ({width}-wide tokens), but [model] base "
-                          f"{base.name} is {base.family} with a {base.context_width}-wide context. Sample it with "
-                          "the base it was trained for, or pick a connector trained on this base.")
+                          f"{base.name} is {base.family} with a {base.context_width}-wide context. Use it with the "
+                          "base it was trained for, or pick a connector trained on this base.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,11 +103,15 @@ def preflight_validation(config: Config, kinds: list[str]) -> None:
     validation = config.validation
     if validation["path"]:
         path, _ = _path(config)
-        trained = [s.path for s in config.sources if Path(config.resolve(s.path)).resolve() == path.resolve()]
-        if trained:
-            log.warning("ELLA train: [validation] path %s is also a [[data.sources]] path: its images are trained "
-                        "on, so val_loss measures how well they are fitted, not how the connector does on images it "
-                        "never saw.", validation["path"])
+        held = path.resolve()
+        for source in config.sources:
+            trained = Path(config.resolve(source.path)).resolve()
+            # folders are read with their subfolders: one inside the other shares images
+            if trained == held or held.is_relative_to(trained) or trained.is_relative_to(held):
+                log.warning("ELLA train: [validation] path %s %s the [[data.sources]] path %s: its images are "
+                            "trained on, so val_loss measures how well they are fitted, not how the connector does "
+                            "on images it never saw. Move the held-out images out of the training folders.",
+                            validation["path"], "is" if trained == held else "overlaps", source.path)
     split = validation["split"]
     if not split or "shards" in kinds:
         return

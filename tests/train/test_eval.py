@@ -417,7 +417,7 @@ def test_eval_with_a_tiny_vqa_model_judge(eval_setup, full, tmp_path, monkeypatc
     result = _evaluate(eval_setup, copy, monkeypatch, judge=str(vilt))
     assert result["judge"]["kind"] == "vqa-classifier" and result["judge"]["name"] == "vilt"
     records = [json.loads(line) for line in (copy / "answers.jsonl").read_text().splitlines()]
-    assert len(records) == 36 and all(r["judge"] == "vilt" for r in records)
+    assert len(records) == 36 and all(r["judge"].startswith("vilt@") for r in records)
     assert all((r["margin"] > 0) == r["yes"] for r in records)
     for name in result["results"]:
         answers = {}
@@ -455,3 +455,77 @@ def test_the_judge_scores_during_training_as_eval_scores_the_saved_file(eval_set
     result = content["results"]["connector.safetensors"]
     assert judged[-1]["eval_score"] == pytest.approx(result["overall"])
     assert judged[-1]["eval_entity"] == pytest.approx(result["categories"]["entity"])
+
+
+def test_a_renamed_connector_and_a_second_run_keep_the_earlier_work(eval_setup, full, tmp_path, monkeypatch):
+    """Images and answers follow the file's digest: a renamed file, and one that must be named by its folder once a
+    second run's connector.safetensors joins, reuse them under their new names."""
+    import shutil
+
+    output, content = full
+    copy = tmp_path / "eval"
+    shutil.copytree(output, copy)
+    renamed = tmp_path / "mine" / "connector.safetensors"
+    renamed.parent.mkdir()
+    shutil.copy(eval_setup["connectors"][1], renamed)
+    other = tmp_path / "other" / "connector.safetensors"
+    other.parent.mkdir()
+    shutil.copy(eval_setup["connectors"][0], other)
+    made = _count_images(monkeypatch)
+    result = _evaluate(eval_setup, copy, monkeypatch, connectors=[renamed, other])
+    assert made == []  # every image was there under the old names
+    assert list(result["results"]) == ["mine/connector.safetensors", "other/connector.safetensors", "baseline"]
+    assert result["results"]["mine/connector.safetensors"] == content["results"]["connector.safetensors"]
+    assert result["results"]["other/connector.safetensors"] == content["results"]["connector-step1.safetensors"]
+    records = [json.loads(line) for line in (copy / "answers.jsonl").read_text().splitlines()]
+    assert {r["contestant"] for r in records} == set(result["results"])
+    assert all((copy / r["image_file"]).is_file() for r in records)
+
+
+def test_an_edited_judge_answers_again(eval_setup, full, tmp_path, monkeypatch):
+    import shutil
+
+    output, content = full
+    copy = tmp_path / "eval"
+    shutil.copytree(output, copy)
+    judge = eval_setup["root"] / "tiny_judge.py"
+    original = judge.read_text()
+    try:
+        judge.write_text(original.replace('"Yes " if', '"no" if').replace('else "no"', 'else "Yes "'))
+        result = _evaluate(eval_setup, copy, monkeypatch)
+    finally:
+        judge.write_text(original)
+    records = [json.loads(line) for line in (copy / "answers.jsonl").read_text().splitlines()]
+    assert len(sys.modules["tiny_judge"].CALLS) == 36  # every question asked again: the judge's source changed
+    old = {(r["contestant"], r["item_id"], r["image"], r["question_id"]): r["yes"] for r in
+           (json.loads(line) for line in (output / "answers.jsonl").read_text().splitlines())}
+    assert all(r["yes"] != old[(r["contestant"], r["item_id"], r["image"], r["question_id"])] for r in records)
+    assert result["judge_identity"] != content["judge_identity"]
+
+
+def test_an_overflowing_judge_stops_instead_of_answering_no(tmp_path):
+    from ella_ext.evaluate.judge_models import check_finite
+    from ella_ext.evaluate.judges import Answer, JudgeError
+
+    class Judge:
+        name, dtype = "tiny", torch.float16
+
+    fine = [Answer("yes", True, 2.0), Answer("no", False, -1.0), Answer("no", False, None)]
+    assert check_finite(fine, Judge()) == fine
+    with pytest.raises(JudgeError, match="non-finite scores in float16.*--judge-dtype float32"):
+        check_finite([Answer("no", False, float("nan"))], Judge())
+
+
+def test_image_batches_change_nothing_but_speed(eval_setup, full, tmp_path, monkeypatch):
+    """One image per UNet batch gives the images (within one level of rounding) and seeds of a prompt's batch."""
+    import numpy as np
+    from PIL import Image
+
+    output, content = full
+    result = _evaluate(eval_setup, tmp_path / "eval", monkeypatch, baseline=False,
+                       connectors=eval_setup["connectors"][1:], image_batch=1)
+    for path in (tmp_path / "eval" / "images").rglob("*.png"):
+        a = np.asarray(Image.open(path), dtype=np.int16)
+        b = np.asarray(Image.open(output / path.relative_to(tmp_path / "eval")), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, path
+    assert result["settings"]["image_batch"] == 1

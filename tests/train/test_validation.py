@@ -328,3 +328,20 @@ def test_sdxl_and_flexible_length_validate(tmp_path, sdxl_base, tiny_t5_dir):
     val = _metrics(config)[1]
     assert [m["step"] for m in val] == [2] and val[0]["val_images"] == 3
     assert torch.isfinite(torch.tensor(val[0]["val_loss"]))
+
+
+def test_a_held_out_folder_inside_a_training_folder_is_named(tmp_path, sd15_base, tiny_t5_dir, caplog):
+    """Caption folders are read with their subfolders: data/val held out beside the source data/ is trained on."""
+    from ella_ext.train.data import source_kinds
+    from ella_ext.train.validation import preflight_validation
+
+    data = make_caption_folder(tmp_path / "data", count=4)
+    make_caption_folder(data / "val", count=2)
+    other = make_caption_folder(tmp_path / "elsewhere", count=2)
+    for held, warned in ((data / "val", True), (other, False)):
+        config = load_config(write_config(tmp_path / "run.toml", base=sd15_base, llm=tiny_t5_dir, images=data,
+                                          output=tmp_path / "out", validation={"path": str(held)}))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ella"):
+            preflight_validation(config, source_kinds(config))
+        assert ("overlaps the [[data.sources]] path" in caplog.text) == warned, caplog.text

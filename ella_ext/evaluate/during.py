@@ -71,7 +71,7 @@ class TrainingJudge:
         return entry
 
     def _score(self, connector, step: int) -> dict:
-        from ..train.sample import connector_contexts, denoise
+        from ..train.sample import connector_contexts, denoise, pooled_pair
 
         device = self.accelerator.device
         was_training = connector.training
@@ -80,9 +80,11 @@ class TrainingJudge:
         try:
             for item in self.questions.items:
                 seeds = [image_seed(self.config.sample["seed"], item.prompt, i) for i in range(self.images)]
-                pooled = self.pooled[item.id]
-                context_at = connector_contexts(connector, self.features[item.id], self.empty, device)
-                images = denoise(self.config, self.base, context_at, seeds, pooled, self.empty_pooled, item.prompt)
+                text = self.features[item.id]
+                pooled, empty_pooled = pooled_pair(connector, text, self.empty, self.pooled[item.id],
+                                                   self.empty_pooled)
+                context_at = connector_contexts(connector, text, self.empty, device)
+                images = denoise(self.config, self.base, context_at, seeds, pooled, empty_pooled, item.prompt)
                 for index, image in enumerate(images):
                     said = self.judge.answer(image, [q.text for q in item.questions])
                     answers[(item.id, index)] = {q.id: a.yes for q, a in zip(item.questions, said)}

@@ -277,7 +277,7 @@ class _Work:
             models.close()
 
     def _contestant_images(self, contestant: Contestant, todo: list[tuple[Item, int]], models, progress) -> None:
-        from ..train.sample import connector_contexts, denoise
+        from ..train.sample import connector_contexts, denoise, pooled_pair
         from .models import free
 
         by_item: dict[str, list[int]] = {}
@@ -293,7 +293,8 @@ class _Work:
                 trained = self._as_trained(contestant)
                 text, empty = models.features(trained, item.prompt), models.features(trained, "")
                 context_at = connector_contexts(connector, text, empty, self.device)
-                pooled, empty_pooled = models.pooled(item.prompt), models.pooled("")
+                pooled, empty_pooled = pooled_pair(connector, text, empty, models.pooled(item.prompt),
+                                                   models.pooled(""))
             else:
                 (rows, pooled), (empty_rows, empty_pooled) = models.baseline(item.prompt), models.baseline("")
                 if models.base.family == "sdxl":  # diffusers' SDXL pipeline: zeros for an empty negative prompt

@@ -44,11 +44,28 @@ def generate(config: Config, base, connector: Connector, conditions: PromptCondi
     """One PIL image per prompt (seed [sample] seed + the prompt's index)."""
     images = []
     for index, (features, mask) in enumerate(conditions.features):
-        pooled = None if conditions.pooled is None else conditions.pooled[index : index + 1]
+        clip = None if conditions.pooled is None else conditions.pooled[index : index + 1]
+        pooled, empty_pooled = pooled_pair(connector, (features, mask), conditions.empty, clip,
+                                           conditions.empty_pooled)
         context_at = connector_contexts(connector, (features, mask), conditions.empty, base.unet.device)
-        images += denoise(config, base, context_at, [config.sample["seed"] + index], pooled, conditions.empty_pooled,
+        images += denoise(config, base, context_at, [config.sample["seed"] + index], pooled, empty_pooled,
                           conditions.prompts[index])
     return images
+
+
+@torch.no_grad()
+def pooled_pair(connector: Connector, text, empty, clip_pooled, clip_empty) -> tuple:
+    """SDXL's pooled vectors of a text and of the negative: the connector's pool of their features when it has one
+    (``[connector] pooled = "attention"``), else CLIP-G's (given); None, None for SD 1.5."""
+    if clip_pooled is None:
+        return None, None
+    device = next(connector.parameters()).device
+    pooled = []
+    for features, mask in (text, empty):
+        pooled.append(connector.pooled(features.to(device), None if mask is None else mask.to(device)))
+    if pooled[0] is None:
+        return clip_pooled, clip_empty
+    return pooled[0].float(), pooled[1].float()
 
 
 def connector_contexts(connector: Connector, text, empty, device) -> Callable[[torch.Tensor], tuple]:

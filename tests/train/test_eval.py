@@ -529,3 +529,55 @@ def test_image_batches_change_nothing_but_speed(eval_setup, full, tmp_path, monk
         b = np.asarray(Image.open(output / path.relative_to(tmp_path / "eval")), dtype=np.int16)
         assert np.abs(a - b).max() <= 1, path
     assert result["settings"]["image_batch"] == 1
+
+
+def test_a_connector_with_a_pool_gives_sdxl_its_pooled_vector(tmp_path, tiny_t5_dir, images8, monkeypatch):
+    """SDXL with a pooled connector: eval (and sample, through the same pooled_pair) hand the UNet the pool's vector
+    of the prompt and of the empty negative, not CLIP-G's."""
+    from dataclasses import replace
+
+    from ella_ext import load_connector, save_connector
+    from ella_ext.evaluate.models import encode_text
+    from ella_ext.train.model import init_connector, load_base
+    from ella_ext.train.runtime import load_encoder
+
+    base_dir = make_base(tmp_path / "xl", "sdxl")
+    config_path = write_config(tmp_path / "run.toml", base=base_dir, llm=tiny_t5_dir, images=images8,
+                               output=tmp_path / "run", sample={"steps": 2, "resolution": 32, "seed": 1})
+    config = load_config(config_path)
+    base = load_base(config, torch.device("cpu"), torch.float32)
+    encoder = load_encoder(config, torch.device("cpu"))
+    shape = load_connector(_tiny_sdxl_connector(tmp_path, config), "cpu", torch.float32).config
+    pooled_file = tmp_path / "pooled.safetensors"
+    save_connector(init_connector(replace(shape, pooled_width=32), 3), pooled_file,
+                   {"ella.pooled": "attention", "ella.base_family": "sdxl"})
+    (tmp_path / "tiny_judge.py").write_text(JUDGE)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps(QUESTIONS[2]) + "\n")
+    seen = []
+    import ella_ext.train.sample as sample
+
+    real = sample.denoise
+
+    def spy(config, base, context_at, seeds, pooled, empty_pooled, prompt):
+        seen.append((pooled, empty_pooled))
+        return real(config, base, context_at, seeds, pooled, empty_pooled, prompt)
+
+    monkeypatch.setattr(sample, "denoise", spy)
+    setup = {"root": tmp_path, "config": config_path, "questions": questions, "connectors": [pooled_file]}
+    _evaluate(setup, tmp_path / "eval", monkeypatch, baseline=False, images=1)
+    connector = load_connector(pooled_file, "cpu", torch.float32)
+    with torch.no_grad():
+        expected = [connector.pooled(*encode_text(encoder, config, text)) for text in (QUESTIONS[2]["prompt"], "")]
+    (pooled, empty_pooled), = seen
+    torch.testing.assert_close(pooled, expected[0])
+    torch.testing.assert_close(empty_pooled, expected[1])
+    assert not torch.allclose(pooled, base.pooled([QUESTIONS[2]["prompt"]]))
+
+
+def _tiny_sdxl_connector(tmp_path, config) -> Path:
+    """A connector file of the tiny SDXL base's shape (no pool), made by a one-step run."""
+    run = load_config(write_config(tmp_path / "one.toml", base=Path(config.model["base"]),
+                                   llm=Path(config.model["llm"]), images=Path(config.sources[0].path),
+                                   output=tmp_path / "one", train={"steps": 1}))
+    return train(run).connector

@@ -14,6 +14,9 @@
   pass over the pairs it has not computed yet; identical rows are computed once, and a pair seen earlier in the
   generation is reused from a bounded cache.
 - Results stay on the connector's device; no host-to-device copy of features after ``prepare``.
+- A connector with an attention pool (SDXL's pooled text vector) pools each text once, in ``prepare``, from the same
+  features and mask its TSC passes read; ``pooled(texts)`` gathers the rows' vectors. The pool has no timestep and
+  reads no emphasis (as CLIP-G's pooled vector in the hosts ignores it): a text and its weighted form pool alike.
 - A text is a ``str`` or a ``prompts.WeightedText`` (the same text with an emphasis per word): the key of a row is
   the text with its weights, so the same words with other weights are another row, while the LLM encodes the words
   once. A pass whose texts carry no weights hands the connector none (no extra work); a pass with some hands it
@@ -54,6 +57,9 @@ class Conditioner:
         self._weights: torch.Tensor | None = None  # [texts, S] on the CPU: each token's emphasis (1: none)
         self._weighted: list[bool] = []  # per text: whether any of its weights differs from 1
         self._rows: dict[tuple[str, ...], list[int]] = {}
+        self.has_pool = bool(getattr(connector, "has_pool", False))
+        self._pooled: torch.Tensor | None = None  # [texts, pooled_width] on the connector's device (with a pool)
+        self._pooled_index: dict[tuple, torch.Tensor] = {}  # a call's row texts -> their text indices on the device
         self._pairs: OrderedDict[Key, torch.Tensor] = OrderedDict()  # pairs computed per call (bounded)
         # the arrangement of the current pass
         self._chunks: list[list[Key]] = []
@@ -76,6 +82,10 @@ class Conditioner:
         self._add_weights(new, features.shape[1])
         features = features.to(self.connector.device, self.connector.dtype)
         mask = mask.to(self.connector.device)
+        if self.has_pool:
+            with torch.inference_mode():  # fixed length reads every position, as the TSC passes do
+                pooled = self.connector.pooled(features, mask if self.max_length is None else None)
+            self._pooled = pooled if self._pooled is None else torch.cat([self._pooled, pooled])
         if self._features is None:
             self._features, self._mask = features, mask
         else:
@@ -114,6 +124,17 @@ class Conditioner:
         return found
 
     # -- per call ------------------------------------------------------------------------------------------------------
+
+    def pooled(self, texts: Sequence[str | WeightedText]) -> torch.Tensor | None:
+        """The attention pool's vector of each row's text, ``[rows, pooled_width]`` on the connector's device,
+        computed once per text in ``prepare`` (the per-call path gathers, nothing more); None without a pool."""
+        if not self.has_pool:
+            return None
+        key = tuple(texts)
+        index = self._pooled_index.get(key)
+        if index is None:
+            index = self._pooled_index[key] = torch.tensor(self._row_map(texts), device=self.connector.device)
+        return self._pooled.index_select(0, index)
 
     def __call__(
         self, texts: Sequence[str | WeightedText], timesteps: torch.Tensor | Sequence[float] | float
@@ -307,7 +328,8 @@ class Conditioner:
 
     def release(self) -> None:
         """Drop everything this generation holds (call after the generation)."""
-        self._features = self._mask = self._weights = None
+        self._features = self._mask = self._weights = self._pooled = None
+        self._pooled_index.clear()
         self._lengths = []
         self._weighted = []
         self._index.clear()

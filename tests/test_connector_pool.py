@@ -153,3 +153,33 @@ def test_meta_device_build_counts_the_pool():
     extra = sum(p.numel() for p in pooled.parameters()) - sum(p.numel() for p in plain.parameters())
     width, llm = TINY.width, TINY.in_width
     assert extra == (llm * width + width) + width + (width * 2 * width + 2 * width) + 2 * width + (width * 12 + 12)
+
+
+@pytest.mark.parametrize("max_length", [None, 16])
+def test_conditioner_pools_each_text_once_and_gathers_per_row(tiny_t5_dir, max_length, monkeypatch):
+    from ella_ext import load_text_encoder
+    from ella_ext.conditioning import Conditioner
+    from ella_ext.prompts import WeightedText
+
+    connector = make_connector(POOLED)
+    encoder = load_text_encoder(tiny_t5_dir, "cpu", torch.float32)
+    passes = []
+    original = Connector.pooled
+    monkeypatch.setattr(Connector, "pooled", lambda self, f, m=None: passes.append(f.shape[0]) or original(self, f, m))
+    cond = Conditioner(connector, encoder, max_length=max_length)
+    texts = ["a red cube on a table", "blurry", "", WeightedText("blurry", (1.5,))]
+    cond.prepare(texts)
+    assert passes == [4]  # one pool pass over the new texts, when they are prepared
+    rows = cond.pooled(["blurry", "a red cube on a table", "blurry", "", WeightedText("blurry", (1.5,))])
+    assert passes == [4] and rows.shape == (5, 12)
+    for row, text in zip(rows, ["blurry", "a red cube on a table", "blurry", ""]):
+        features, mask = encoder.encode([text], max_length)
+        expected = original(connector, features, mask if max_length is None else None)[0]
+        torch.testing.assert_close(row, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows[4], rows[0], rtol=0, atol=0)  # emphasis does not change the pooled vector
+    cond.pooled(["a new text"])  # a text not prepared yet is prepared (and pooled) on demand
+    assert passes == [4, 1]
+    cond.release()
+    plain = Conditioner(make_connector(TINY), encoder)
+    plain.prepare(["blurry"])
+    assert plain.pooled(["blurry"]) is None and not plain.has_pool

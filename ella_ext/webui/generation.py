@@ -12,7 +12,11 @@ Host facts (AUTOMATIC1111 v1.10.1, commit 82a973c0):
 - ``modules/sd_samplers_cfg_denoiser.py``: ``text_cond`` holds one row per AND sub-prompt, image by image, and
   ``text_uncond`` one per image; ``params.sigma`` one value per row of ``params.x`` (cond rows, then uncond rows);
   the schedule entry is chosen with ``denoiser.step`` (the call counter).
-- ``modules/prompt_parser.py``: SDXL conditioning is a ``DictWithShape`` with ``crossattn`` and ``vector``.
+- ``modules/prompt_parser.py``: SDXL conditioning is a ``DictWithShape`` with ``crossattn`` and ``vector``;
+  ``vector`` is ``[rows, 2816]``: CLIP-G's pooled text vector (1280 columns) first, then the six size / crop numbers'
+  embeddings (6 x 256), as sgm's ``GeneralConditioner`` concatenates its embedders' vectors in order
+  (``sd_models_xl.get_learned_conditioning``); Forge new's ``backend/diffusion_engine/sdxl.py`` builds the same
+  ``torch.cat([clip_pooled, flat], dim=1)``, and both Forge generations hand ``vector`` to the UNet as ``y``.
 - ``modules/processing.py``: each pass's sampler exists before ``process_before_every_sampling`` (``p.sampler``:
   txt2img's ``sample()`` and ``sample_hr_pass()`` create it just before the hook, img2img's ``init()`` once for all
   batches); ``sd_samplers_kdiffusion.py`` / ``sd_samplers_timesteps.py``: its ``sample`` / ``sample_img2img`` compute
@@ -74,6 +78,7 @@ class Generation:
     foreseen: Foreseen | None = None  # the calls of the pass about to start, from a dry run of its sampler
     plan: PassPlan | None = None  # the current pass's foreseen calls, its rows arranged in the conditioner
     pass_calls: dict[str, int] = field(default_factory=lambda: {"looked up": 0, "computed at the call": 0})
+    pooled: bool = False  # SDXL with a connector that has an attention pool: its vectors replace CLIP-G's
 
     def release(self) -> None:
         """Drop what this generation holds (its features and rows on the GPU); ELLA does nothing more for it."""
@@ -96,7 +101,7 @@ class Generation:
             error = "ELLA was not called by this sampler; this batch uses CLIP"
         warnings = [*self.warnings, *self.batch_warnings.get(self.batch, [])]
         infotext.write(self.params, self.options, conditioned=conditioned, error=error, warnings=warnings,
-                       emphasis=self.emphasis)
+                       emphasis=self.emphasis, pooled=self.pooled)
 
 
 def _interrupted() -> bool:
@@ -149,6 +154,7 @@ def start(p, args: Sequence[Any]) -> Generation | None:
                 f"checkpoint's UNet takes {width} (SD 1.5: 768, SD 2: 1024, SDXL: 2048). Pick an SD 1.5 checkpoint "
                 "or a connector made for this one."
             )
+        generation.pooled = _check_pool(options.connector, loaded.connector, width)
         generation.conditioner = Conditioner(
             loaded.connector, loaded.encoder, max_length=options.fixed_length,
             cache_entries=int(settings.get("ella_tsc_cache")),
@@ -169,6 +175,26 @@ def start(p, args: Sequence[Any]) -> Generation | None:
         return None
     setattr(p, ATTRIBUTE, generation)
     return generation
+
+
+SDXL_CONTEXT_WIDTH = 2048
+SDXL_POOLED_WIDTH = 1280  # CLIP-G's pooled vector: the first columns of SDXL's vector conditioning
+SDXL_VECTOR_WIDTH = 2816  # the pooled vector and six size / crop embeddings of 256
+
+
+def _check_pool(name: str, connector, width: int) -> bool:
+    """Whether the connector's attention pool gives this generation's pooled vector: on SDXL, when it has one (of
+    SDXL's width). Other checkpoints take no pooled vector, so a pool does nothing there."""
+    if not getattr(connector, "has_pool", False) or width != SDXL_CONTEXT_WIDTH:
+        return False
+    pooled_width = connector.config.pooled_width
+    if pooled_width != SDXL_POOLED_WIDTH:
+        raise InputError(
+            f"ELLA: the connector {name} makes {pooled_width}-wide pooled vectors, but SDXL takes "
+            f"{SDXL_POOLED_WIDTH}: it was trained on a base of another shape. Pick a connector trained on an SDXL "
+            "base."
+        )
+    return True
 
 
 def _report(p, message: str) -> None:
@@ -444,11 +470,14 @@ def swap(generation: Generation, texts: PassTexts, params, hires: bool, step: in
         rows = generation.conditioner(row_texts, torch.cat([cond_t, uncond_t]))
         generation.pass_calls["computed at the call"] += 1
     with_clip = generation.options.with_clip
+    pooled = generation.conditioner.pooled(row_texts) if generation.pooled else None
     params.text_cond = _rebuild(cond, assemble(rows[: texts.cond_rows], cond_tensor, with_clip=with_clip,
-                                               marked=_marked(generation, (hires, "cond"), cond_tensor)))
+                                               marked=_marked(generation, (hires, "cond"), cond_tensor)),
+                                None if pooled is None else pooled[: texts.cond_rows])
     if uncond_tensor is not None:
         params.text_uncond = _rebuild(uncond, assemble(rows[texts.cond_rows :], uncond_tensor, with_clip=with_clip,
-                                                       marked=_marked(generation, (hires, "uncond"), uncond_tensor)))
+                                                       marked=_marked(generation, (hires, "uncond"), uncond_tensor)),
+                                      None if pooled is None else pooled[texts.cond_rows :])
     calls = generation.calls[generation.batch] = generation.calls.get(generation.batch, 0) + 1
     if calls == 1:
         generation.write_infotext()
@@ -466,11 +495,27 @@ def _crossattn(context) -> torch.Tensor:
     return context["crossattn"] if isinstance(context, dict) else context
 
 
-def _rebuild(original, tensor: torch.Tensor):
-    """The new context in the host's container: SDXL's ``DictWithShape`` keeps ``vector`` and its other keys."""
+def _rebuild(original, tensor: torch.Tensor, pooled: torch.Tensor | None = None):
+    """The new context in the host's container: SDXL's ``DictWithShape`` keeps ``vector`` and its other keys; with
+    ``pooled`` (the connector's pool, one row per row) the vector's pooled columns are replaced by it, its size /
+    crop embeddings left as the host made them."""
     if not isinstance(original, dict):
         return tensor
-    return type(original)({**original, "crossattn": tensor})
+    changed = {"crossattn": tensor}
+    if pooled is not None:
+        changed["vector"] = _with_pooled(original["vector"], pooled)
+    return type(original)({**original, **changed})
+
+
+def _with_pooled(vector: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    if vector.ndim != 2 or vector.shape[1] != SDXL_VECTOR_WIDTH or vector.shape[0] != pooled.shape[0]:
+        raise InputError(
+            f"ELLA: the checkpoint's vector conditioning is {list(vector.shape)}, not SDXL's [{pooled.shape[0]}, "
+            f"{SDXL_VECTOR_WIDTH}] (an SDXL refiner?), so the connector's pooled vector cannot replace CLIP-G's there"
+        )
+    vector = vector.clone()
+    vector[:, : pooled.shape[1]] = pooled.to(device=vector.device, dtype=vector.dtype)
+    return vector
 
 
 def finish(p) -> None:

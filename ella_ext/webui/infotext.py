@@ -35,8 +35,12 @@ KEY_WARNING = "ELLA warning"  # ELLA ran, but something the user should know (a 
 # emphasis weights that had to be clamped)
 # The emphasis setting when not the default (the setting's ``infotext=``: pasting it is a settings override).
 KEY_EMPHASIS = "ELLA emphasis"
+# "connector" when SDXL's pooled text vector came from the connector's attention pool (not CLIP-G); the connector
+# file decides it, so pasting restores it with the connector.
+KEY_POOLED = "ELLA pooled"
+POOLED_BY_CONNECTOR = "connector"
 KEYS = (KEY_CONNECTOR, KEY_TEXT_ENCODER, KEY_TOKENS, KEY_MODE, KEY_NEGATIVE, KEY_PROMPT, KEY_HIRES, KEY_ERROR,
-        KEY_WARNING, KEY_EMPHASIS)
+        KEY_WARNING, KEY_EMPHASIS, KEY_POOLED)
 
 # One key per control (the script's argument order); the derived ones exist only after ``paste_params``.
 PASTE_KEYS = {
@@ -76,8 +80,10 @@ def without_paths(message: str) -> str:
     return _ABSOLUTE_PATH.sub(r"\1", message)
 
 
-def values(chosen: options.ELLAOptions, emphasis: str = options.EMPHASIS_ATTENTION) -> dict[str, str]:
-    """The entries of an image that ELLA conditioned with these options and this emphasis setting."""
+def values(chosen: options.ELLAOptions, emphasis: str = options.EMPHASIS_ATTENTION,
+           pooled: bool = False) -> dict[str, str]:
+    """The entries of an image that ELLA conditioned with these options and this emphasis setting (``pooled``: its
+    SDXL pooled vector came from the connector)."""
     fields = {
         KEY_CONNECTOR: model_name(chosen.connector),
         KEY_TEXT_ENCODER: model_name(chosen.text_encoder),
@@ -91,15 +97,18 @@ def values(chosen: options.ELLAOptions, emphasis: str = options.EMPHASIS_ATTENTI
         fields[KEY_HIRES] = "off"
     if emphasis != options.EMPHASIS_ATTENTION:
         fields[KEY_EMPHASIS] = emphasis
+    if pooled:
+        fields[KEY_POOLED] = POOLED_BY_CONNECTOR
     return fields
 
 
 def write(params: MutableMapping[str, Any], chosen: options.ELLAOptions, *, conditioned: bool,
           error: str | None, warnings: list[str] | None = None,
-          emphasis: str = options.EMPHASIS_ATTENTION) -> None:
-    """Set every ELLA key: the option entries (with the emphasis setting when not the default) and warnings if ELLA
-    conditioned the batch (else none), and the error if any."""
-    for key, value in values(chosen, emphasis).items():
+          emphasis: str = options.EMPHASIS_ATTENTION, pooled: bool = False) -> None:
+    """Set every ELLA key: the option entries (with the emphasis setting when not the default, and where SDXL's
+    pooled vector came from when the connector made it) and warnings if ELLA conditioned the batch (else none), and
+    the error if any."""
+    for key, value in values(chosen, emphasis, pooled).items():
         params[key] = value if conditioned else None
     params[KEY_WARNING] = without_paths("; ".join(warnings)) if conditioned and warnings else None
     params[KEY_ERROR] = None if error is None else without_paths(error)

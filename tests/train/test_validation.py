@@ -60,7 +60,9 @@ def _raw(**validation):
     ({"timesteps": ["100"]}, r"\[validation\] timesteps must be a list of whole numbers"),
     ({"timesteps": [True]}, r"\[validation\] timesteps must be a list of whole numbers"),
     ({"max_items": 0}, r"\[validation\] max_items = 0 is too small"),
-    ({"eval_every": 5}, r"Unknown key in \[validation\]: eval_every"),
+    ({"eval_every": 5}, r"eval_every = 5 needs \[validation\] questions .* and \[validation\] judge"),
+    ({"eval_images": 0}, r"\[validation\] eval_images = 0 is too small"),
+    ({"interval": 5}, r"Unknown key in \[validation\]: interval"),
 ])
 def test_bad_validation_keys_are_refused_by_name(validation, message):
     with pytest.raises(ConfigError, match=message):
@@ -70,16 +72,19 @@ def test_bad_validation_keys_are_refused_by_name(validation, message):
 def test_validation_is_off_by_default_and_its_keys_round_trip(tmp_path):
     config = validate(_raw())
     assert config.validation == {"path": "", "split": 0.0, "every": 0, "timesteps": [100, 300, 500, 700, 900],
-                                 "max_items": 64, "batch_size": 0, "seed": 0}
+                                 "max_items": 64, "batch_size": 0, "seed": 0, "eval_every": 0, "questions": "",
+                                 "judge": "", "eval_images": 1}
     (tmp_path / "held").mkdir()
     path = tmp_path / "run.toml"
     path.write_text('[model]\nbase = "b"\nllm = "l"\n[train]\nsteps = 1\noutput = "o"\n[validation]\n'
-                    'path = "held"\nevery = 5\ntimesteps = [10, 999]\nmax_items = 3\nbatch_size = 2\nseed = 4\n')
+                    'path = "held"\nevery = 5\ntimesteps = [10, 999]\nmax_items = 3\nbatch_size = 2\nseed = 4\n'
+                    'eval_every = 7\nquestions = "q.jsonl"\njudge = "judge_module:answer"\neval_images = 2\n')
     config = load_config(path)
     saved = tmp_path / "saved.toml"
     saved.write_text(run_config_text(config))
     again = load_config(saved)
     assert again.validation == {**config.validation, "path": str((tmp_path / "held").resolve())}
+    assert again.validation["judge"] == "judge_module:answer" and again.validation["eval_every"] == 7
     assert "[validation]" in saved.read_text()
 
 

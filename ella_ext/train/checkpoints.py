@@ -137,6 +137,24 @@ def check_resumable(config: Config, checkpoint: Path, shape: ConnectorConfig, ll
                           f"({', '.join(changed)}). Put the [connector] keys back as they were ({RUN_CONFIG} "
                           "in the output folder holds them), or train the new shape into another [train] output.")
     check_same_inputs(config, f"--resume {checkpoint.name}", info, llm)
+    if "held_out" in info and info["held_out"] != held_out(config):  # (checkpoints before [validation]: unknown)
+        raise ConfigError(
+            f"--resume {checkpoint.name}: the held-out set changed since that checkpoint ([validation] path / split "
+            f"{_held_text(info['held_out'])} then, {_held_text(held_out(config))} now): images held out now may "
+            f"have been trained on, and val_loss would not compare. Put [validation] back as it was ({RUN_CONFIG} in "
+            "the output folder holds it), or start a new run in another [train] output.")
+
+
+def held_out(config: Config) -> dict:
+    """The run's held-out set as checkpoints record it: [validation] path (resolved) and split."""
+    path = config.validation["path"]
+    return {"path": str(Path(config.resolve(path)).resolve()) if path else "", "split": config.validation["split"]}
+
+
+def _held_text(held: dict) -> str:
+    if held.get("path"):
+        return f"path {held['path']}"
+    return f"split {held.get('split')}" if held.get("split") else "none"
 
 
 def checkpoints(output: Path) -> list[Path]:

@@ -37,6 +37,7 @@ from .checkpoints import (
     connector_shape,
     ema_model,
     file_inputs,
+    held_out,
     llm_name,
     metadata,
     resolve_resume,
@@ -486,7 +487,7 @@ class _Run:
         model = self.config.model
         info = {"llm": self.llm_name, "llm_layer": model["llm_layer"], "token_length": model["token_length"],
                 "max_length": model["max_length"], "family": self.base.family, "connector": connector_shape(self.shape),
-                "step": self.state.step}
+                "held_out": held_out(self.config), "step": self.state.step}
         return self._write(lambda: save_checkpoint(self.accelerator, self.output, self.state.step,
                                                    self.config.train["keep_checkpoints"], info))
 

@@ -287,6 +287,10 @@ def test_val_loss_is_logged_and_equal_after_a_resume(tmp_path, sd15_base, tiny_t
 
     resumed = _config(tmp_path, sd15_base, tiny_t5_dir, images8, "resumed", **common)
     train(load_config(resumed.path, ["train.steps=2"]))
+    moved = load_config(resumed.path, ["validation.split=0.3"])  # another held-out set: refused on resume
+    with pytest.raises(ConfigError, match="the held-out set changed since that checkpoint .*split 0.1.* then, "
+                                          "split 0.3 now"):
+        train(moved, resume="latest")
     train(resumed, resume="latest")
     assert _metrics(resumed)[1] == val  # the same weights at each step: the same numbers, bit for bit
     # at the end only when every does not fall on the last step; no validation when it is off

@@ -2,7 +2,10 @@
 
 The state of a generation lives on the host's processing object ``p`` (attribute ``ella_generation``): the global
 denoiser callback finds it through ``params.denoiser.p`` and does nothing for a generation without it. It is created
-in ``process()`` and dropped in ``postprocess()``.
+in ``process()`` and dropped in ``postprocess()``. It belongs to that ``p`` (``Generation.owner``): extensions that
+copy ``p`` shallowly and call the hooks again on the copy (ADetailer calls ``postprocess(copy(p))`` and
+``process(copy(p))`` between its passes) share the attribute and ``extra_generation_params``, and those hooks leave
+the generation alone (a sampler run on such a copy is not conditioned either).
 
 Host facts (AUTOMATIC1111 v1.10.1, commit 82a973c0):
 - ``modules/processing.py``: per batch, ``p.prompts`` / ``p.negative_prompts`` are set, ``process_batch`` runs after
@@ -79,6 +82,7 @@ class Generation:
     plan: PassPlan | None = None  # the current pass's foreseen calls, its rows arranged in the conditioner
     pass_calls: dict[str, int] = field(default_factory=lambda: {"looked up": 0, "computed at the call": 0})
     pooled: bool = False  # SDXL with a connector that has an attention pool: its vectors replace CLIP-G's
+    owner: Any = field(default=None, repr=False, compare=False)  # the host's p it was started on
 
     def release(self) -> None:
         """Drop what this generation holds (its features and rows on the GPU); ELLA does nothing more for it."""
@@ -123,8 +127,26 @@ def chosen_fields(p, args: Sequence[Any]) -> frozenset[str] | None:
     return None if named is None else named | frozenset(overrides)
 
 
+def _own(p) -> Generation | None:
+    """The generation ``p`` owns; None without one, and for a shallow copy of its owner (the hooks of a copy do
+    nothing)."""
+    generation: Generation | None = getattr(p, ATTRIBUTE, None)
+    return generation if generation is not None and generation.owner is p else None
+
+
+def _copy_of_running(p) -> bool:
+    """Whether ``p`` is a shallow copy of the ``p`` of a generation still in progress (ADetailer re-arms the scripts
+    with ``process(copy(p))`` between batches): its ``process()`` must neither clear the shared info text nor start
+    another generation."""
+    generation: Generation | None = getattr(p, ATTRIBUTE, None)
+    return generation is not None and generation.owner is not p and manager.in_progress(generation)
+
+
 def start(p, args: Sequence[Any]) -> Generation | None:
     """``process()``: read the options; if ELLA is on, load the models and attach the generation to ``p``."""
+    if _copy_of_running(p):
+        log.debug("ELLA: process() on a copy of a generation's p (another extension's); nothing to do")
+        return None
     manager.release_stale()
     infotext.clear(p.extra_generation_params)
     try:
@@ -134,7 +156,7 @@ def start(p, args: Sequence[Any]) -> Generation | None:
         return None
     if not options.enabled:
         return None
-    generation = Generation(options, p.extra_generation_params)
+    generation = Generation(options, p.extra_generation_params, owner=p)
     manager.generation_started(generation)  # from here on nothing is unloaded under it
     try:
         check_names(options)
@@ -204,7 +226,7 @@ def _report(p, message: str) -> None:
 
 def prepare_batch(p, batch_number: int) -> None:
     """``process_batch()``: the texts of this batch's passes, all encoded now (the LLM never runs per call)."""
-    generation: Generation | None = getattr(p, ATTRIBUTE, None)
+    generation = _own(p)
     if generation is None:
         return
     generation.batch = batch_number
@@ -228,8 +250,31 @@ def prepare_batch(p, batch_number: int) -> None:
             generation.conditioner.prepare(texts)
         clamped = _out_of_range([w for texts in generation.passes.values() for w in texts.out_of_range])
         generation.batch_warnings[batch_number] = [*clamped, *_truncated(generation, texts)]
+        _warn_adetailer(generation, p)
     except Exception as err:
         fail(generation, err)
+
+
+# ADetailer's setting "Script names to apply to ADetailer" (``ad_script_names``) and its default
+# (Bing-su/adetailer 36189cbe ``adetailer/args.py``): with "Apply only selected scripts" (``ad_only_selected_scripts``,
+# default on), its inpaint passes run only the always-on scripts whose file stem is listed (ELLA's: ``ella``).
+AD_SCRIPT_NAMES_DEFAULT = "dynamic_prompting,dynamic_thresholding,lora_block_weight,negpip,wildcard_recursive,wildcards"
+ADETAILER_WARNING = ("ADetailer's inpaint passes use CLIP (not ELLA): to have ELLA condition them, add ella to "
+                     "Settings > ADetailer > Script names to apply to ADetailer")
+
+
+def _warn_adetailer(generation: Generation, p) -> None:
+    """A warning (once per generation, also in the console) when ADetailer will inpaint this generation's images
+    without ELLA. Checked at ``process_batch``, when every script's ``process()`` has run (ADetailer's writes its keys
+    there, or sets ``_ad_disabled``)."""
+    if "ADetailer version" not in p.extra_generation_params or getattr(p, "_ad_disabled", False):
+        return
+    data = getattr(getattr(_shared(), "opts", None), "data", None) or {}
+    names = {name.strip() for name in str(data.get("ad_script_names", AD_SCRIPT_NAMES_DEFAULT)).split(",")}
+    if not data.get("ad_only_selected_scripts", True) or "ella" in names or ADETAILER_WARNING in generation.warnings:
+        return
+    log.warning("ELLA: %s", ADETAILER_WARNING)
+    generation.warnings.append(ADETAILER_WARNING)
 
 
 def _shared():
@@ -282,7 +327,7 @@ def _number(value: float) -> str:
 
 def finish_batch(p) -> None:
     """``postprocess_batch`` (before the host writes the batch's info texts): the batch's final info-text values."""
-    generation: Generation | None = getattr(p, ATTRIBUTE, None)
+    generation = _own(p)
     if generation is not None:
         generation.write_infotext(batch_done=True)
 
@@ -290,7 +335,7 @@ def finish_batch(p) -> None:
 def sampling_memory(p) -> int:
     """``process_before_every_sampling``: the bytes ELLA's work may take on the GPU during this pass (0 if ELLA is
     off for it): its TSC passes and the rows it keeps, those computed ahead included."""
-    generation: Generation | None = getattr(p, ATTRIBUTE, None)
+    generation = _own(p)
     texts = None if generation is None else generation.passes.get(bool(getattr(p, "is_hr_pass", False)))
     if texts is None:
         return 0
@@ -309,7 +354,7 @@ def watch_sampler(p) -> None:
     """``process_before_every_sampling``: wrap this pass's sampler function so that, when the pass starts, a dry run
     of it tells which noise level each call will have (``sampler_probe``). The sampler lives for one pass (img2img:
     for the whole job); wrapping it again changes nothing."""
-    generation: Generation | None = getattr(p, ATTRIBUTE, None)
+    generation = _own(p)
     sampler = getattr(p, "sampler", None)
     func = getattr(sampler, "func", None)
     if generation is None or not callable(func) or getattr(func, WATCHED, False) or not settings.get("ella_foresee"):
@@ -334,7 +379,7 @@ def _foresee(func, model, x, args, kwargs) -> None:
     """The sampler of a pass starts: record the calls it will make, for the pass's first call to plan from."""
     try:
         p = getattr(model, "p", None)
-        generation: Generation | None = getattr(p, ATTRIBUTE, None)
+        generation = _own(p)
         if generation is None:
             return
         hires = bool(getattr(p, "is_hr_pass", False))
@@ -351,7 +396,7 @@ def _foresee(func, model, x, args, kwargs) -> None:
 
 def _pass_done(model) -> None:
     """The sampler of a pass returned: drop the pass's arranged rows."""
-    generation: Generation | None = getattr(getattr(model, "p", None), ATTRIBUTE, None)
+    generation = _own(getattr(model, "p", None))
     if generation is None:
         return
     log.debug("ELLA: a sampling pass ended: its calls %s", ", ".join(f"{n} {how}" for how, n in
@@ -435,7 +480,7 @@ def on_denoiser(params, adapter) -> None:
     call's sigma column to DDPM timesteps, ``callback_sigma`` and ``timestep_source`` serve the foreseen calls."""
     denoiser = getattr(params, "denoiser", None)
     p = getattr(denoiser, "p", None)
-    generation: Generation | None = getattr(p, ATTRIBUTE, None)
+    generation = _own(p)
     if generation is None:
         return
     hires = bool(getattr(p, "is_hr_pass", False))
@@ -519,8 +564,9 @@ def _with_pooled(vector: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
 
 
 def finish(p) -> None:
-    """``postprocess()``: drop the generation's state; the models may be unloaded from now on."""
-    generation: Generation | None = getattr(p, ATTRIBUTE, None)
+    """``postprocess()``: drop the generation's state; the models may be unloaded from now on. Not on a copy of
+    ``p`` (ADetailer calls ``postprocess(copy(p))`` before its passes): the generation goes on."""
+    generation = _own(p)
     if generation is None:
         return
     generation.release()

@@ -292,6 +292,12 @@ class ModelManager:
             self._active.append((generation, host.job()))
             self._arm()
 
+    def in_progress(self, generation: Releasable) -> bool:
+        """Whether this generation started in the job the host is running now and has not finished."""
+        job = host.job()
+        with self._lock:
+            return any(g is generation and owner == job for g, owner in self._active)
+
     def generation_finished(self, generation: Releasable) -> None:
         """It ended (``postprocess``): do a deferred unload once no generation is left, else restart the clock."""
         with self._lock:

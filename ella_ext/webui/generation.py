@@ -54,7 +54,7 @@ from ..options import ELLAOptions
 from ..pass_plan import Foreseen, PassPlan, column_key, plan_pass
 from ..pass_rows import PassTexts, assemble, has_controlnet_mark, row_timesteps
 from ..prompts import MAX_EMPHASIS, WeightedText, plain_text
-from . import host, infotext, settings
+from . import host, infotext, neighbours, settings
 from .loading import LoadedModels, as_trained, check_names, llm_mismatch, manager, token_mismatch
 
 log = logging.getLogger("ella")
@@ -250,31 +250,9 @@ def prepare_batch(p, batch_number: int) -> None:
             generation.conditioner.prepare(texts)
         clamped = _out_of_range([w for texts in generation.passes.values() for w in texts.out_of_range])
         generation.batch_warnings[batch_number] = [*clamped, *_truncated(generation, texts)]
-        _warn_adetailer(generation, p)
+        neighbours.check(generation, p)
     except Exception as err:
         fail(generation, err)
-
-
-# ADetailer's setting "Script names to apply to ADetailer" (``ad_script_names``) and its default
-# (Bing-su/adetailer 36189cbe ``adetailer/args.py``): with "Apply only selected scripts" (``ad_only_selected_scripts``,
-# default on), its inpaint passes run only the always-on scripts whose file stem is listed (ELLA's: ``ella``).
-AD_SCRIPT_NAMES_DEFAULT = "dynamic_prompting,dynamic_thresholding,lora_block_weight,negpip,wildcard_recursive,wildcards"
-ADETAILER_WARNING = ("ADetailer's inpaint passes use CLIP (not ELLA): to have ELLA condition them, add ella to "
-                     "Settings > ADetailer > Script names to apply to ADetailer")
-
-
-def _warn_adetailer(generation: Generation, p) -> None:
-    """A warning (once per generation, also in the console) when ADetailer will inpaint this generation's images
-    without ELLA. Checked at ``process_batch``, when every script's ``process()`` has run (ADetailer's writes its keys
-    there, or sets ``_ad_disabled``)."""
-    if "ADetailer version" not in p.extra_generation_params or getattr(p, "_ad_disabled", False):
-        return
-    data = getattr(getattr(_shared(), "opts", None), "data", None) or {}
-    names = {name.strip() for name in str(data.get("ad_script_names", AD_SCRIPT_NAMES_DEFAULT)).split(",")}
-    if not data.get("ad_only_selected_scripts", True) or "ella" in names or ADETAILER_WARNING in generation.warnings:
-        return
-    log.warning("ELLA: %s", ADETAILER_WARNING)
-    generation.warnings.append(ADETAILER_WARNING)
 
 
 def _shared():
@@ -329,6 +307,7 @@ def finish_batch(p) -> None:
     """``postprocess_batch`` (before the host writes the batch's info texts): the batch's final info-text values."""
     generation = _own(p)
     if generation is not None:
+        neighbours.check(generation, p)  # NegPiP writes its key in its process_batch, after ELLA's
         generation.write_infotext(batch_done=True)
 
 

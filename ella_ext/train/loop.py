@@ -10,7 +10,6 @@ samples one process sees with the same global batch.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -50,7 +49,16 @@ from .config import Config, ConfigError, write_run_config
 from .data import preflight
 from .feed import make_data, make_inputs
 from .objective import compute_loss, lr_at, make_optimizer
-from .runtime import llm_dtype, load_encoder, make_accelerator, peak_lr, set_threads, weight_dtype
+from .runtime import (
+    all_agree,
+    check_sync,
+    llm_dtype,
+    load_encoder,
+    make_accelerator,
+    peak_lr,
+    set_threads,
+    weight_dtype,
+)
 from .summary import duration_text, summary_lines, training_record
 from .validation import make_validation, validation_on
 
@@ -99,14 +107,6 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def train(config: Config, resume: str | None = None, on_step: Callable[[int, Connector], None] | None = None,
           overwrite: bool = False) -> Result:
     """Train the TSC as the config says; returns where things were written.
@@ -146,7 +146,7 @@ def _claim_output(accelerator, config: Config, resume: str | None,
             error = exc if isinstance(exc, ELLAError) else ConfigError(
                 f"[train] output = {output} cannot be used as the run's folder ({exc}). Set it to a folder that can "
                 "be made and written.")
-    if _agree(accelerator, error is not None):
+    if all_agree(accelerator, error is not None):
         raise error or ConfigError(f"The main process could not use {output} (its message says why).")
     if resume and checkpoint is None:  # the other processes: the same folder, now checked and locked
         checkpoint = resolve_resume(output, resume)
@@ -292,7 +292,7 @@ class _Run:
                     entry["grad_norm"] = self.grad_norm
                 every = config.train["check_sync_every"]
                 if every and state.step % every == 0:
-                    entry["weight_digests"] = _check_sync(accelerator, self.plain)
+                    entry["weight_digests"] = check_sync(accelerator, self.plain)
                 if self.main:
                     progress.update(1)
                     progress.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{entry['images_per_s']:.2f}")
@@ -302,7 +302,7 @@ class _Run:
                         self._log_metrics(entry)
                 if self.on_step is not None:
                     self.on_step(state.step, self.plain)
-                if self._after_step(_agree(accelerator, stop.requested)):
+                if self._after_step(all_agree(accelerator, stop.requested)):
                     return True
         finally:
             progress.close()
@@ -551,19 +551,3 @@ def _checkpointing_needs_train_mode(unet) -> None:
     major, minor = (int(x) for x in diffusers.__version__.split(".")[:2])
     if (major, minor) < (0, 32):
         unet.train()
-
-
-def _agree(accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor([int(flag)], device=accelerator.device), "sum").item())
-
-
-def _check_sync(accelerator, model) -> list[str]:
-    digest = weights_digest(model)
-    value = torch.tensor([int(digest, 16) >> 1], dtype=torch.int64, device=accelerator.device)
-    everyone = accelerator.gather(value).tolist()
-    digests = [f"{v:016x}" for v in everyone]
-    if len(set(everyone)) != 1:
-        raise TrainingStopped(f"The processes hold different weights ({digests}); the distributed setup is broken.")
-    return digests

@@ -3,6 +3,7 @@ models' and the LLM's dtypes, the LLM encoder, the token length."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -106,3 +107,32 @@ def token_max_length(config: Config) -> int | None:
 def peak_lr(config: Config, family: str) -> float:
     """[train] lr, or the paper's for the base's family when unset."""
     return config.train["lr"] if config.train["lr"] is not None else FAMILY_LR[family]
+
+
+# -- the processes agreeing -----------------------------------------------------------------------------------------
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def all_agree(accelerator, flag: bool) -> bool:
+    """True on every process when any process's ``flag`` is true (one decision for all, e.g. to stop together)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([int(flag)], device=accelerator.device), "sum").item())
+
+
+def check_sync(accelerator, model) -> list[str]:
+    """Every process's weights digest; a process holding other weights stops the run."""
+    digest = weights_digest(model)
+    value = torch.tensor([int(digest, 16) >> 1], dtype=torch.int64, device=accelerator.device)
+    everyone = accelerator.gather(value).tolist()
+    digests = [f"{v:016x}" for v in everyone]
+    if len(set(everyone)) != 1:
+        raise ELLAError(f"The processes hold different weights ({digests}); the distributed setup is broken.")
+    return digests

@@ -476,6 +476,10 @@ def swap(generation: Generation, texts: PassTexts, params, hires: bool, step: in
     cond, uncond = params.text_cond, params.text_uncond
     cond_tensor = _crossattn(cond)
     uncond_tensor = None if uncond is None else _crossattn(uncond)
+    width = generation.loaded.connector.config.out_width
+    if cond_tensor.shape[-1] != width:  # the checkpoint fit at the start: the host switched it (a refiner)
+        _stop_at_switch(generation, hires, cond_tensor.shape[-1], width)
+        return
     uncond_rows = 0 if uncond is None else texts.uncond_rows
     if cond_tensor.shape[0] != texts.cond_rows or (uncond_tensor is not None and uncond_tensor.shape[0] != uncond_rows):
         raise InputError(
@@ -505,6 +509,30 @@ def swap(generation: Generation, texts: PassTexts, params, hires: bool, step: in
     calls = generation.calls[generation.batch] = generation.calls.get(generation.batch, 0) + 1
     if calls == 1:
         generation.write_infotext()
+
+
+def _stop_at_switch(generation: Generation, hires: bool, host_width: int, width: int) -> None:
+    """A1111's refiner switch (``refiner_checkpoint`` / ``refiner_switch_at``) loaded a checkpoint whose text context
+    the connector does not fit (an SDXL refiner takes 1280 wide, SD 1.5 768): the rest of this pass is left to that
+    checkpoint's own conditioning, and the info text says where ELLA stopped. A refiner of the same width (another
+    checkpoint of the same family) keeps ELLA's rows: the connector fits it as it fits any fine-tune."""
+    info = getattr(generation.owner, "refiner_checkpoint_info", None)
+    name = getattr(info, "short_title", None) or getattr(info, "title", None)
+    what = f"the refiner {name}" if name else "the checkpoint the WebUI switched to"
+    conditioned = generation.calls.get(generation.batch, 0)
+    message = (f"ELLA stopped at the refiner switch{' of the hires pass' if hires else ''}: {what} takes "
+               f"{host_width}-wide text conditioning, the connector makes {width}; ELLA conditioned "
+               f"{conditioned} sampler call{'' if conditioned == 1 else 's'} before it, the refiner's own CLIP the rest")
+    log.info("%s", message)
+    generation.passes.pop(hires, None)
+    _drop_plan(generation)
+    if not conditioned:  # the switch came first: nothing of this batch is ELLA's
+        generation.failed[generation.batch] = message
+    else:
+        warnings = generation.batch_warnings.setdefault(generation.batch, [])
+        if message not in warnings:
+            warnings.append(message)
+    generation.write_infotext()
 
 
 def _marked(generation: Generation, key: tuple[bool, str], context: torch.Tensor) -> bool:

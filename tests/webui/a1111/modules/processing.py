@@ -31,7 +31,7 @@ import zlib
 
 import torch
 
-from modules import sd_samplers, shared
+from modules import sd_models, sd_samplers, shared
 
 re_extra_net = re.compile(r"<(\w+):([^>]+)>")  # host: modules/extra_networks.py
 re_AND = re.compile(r"\bAND\b")  # host: modules/prompt_parser.py
@@ -51,7 +51,8 @@ def conditioning_row(sd_model, text, sign=0.0):  # double-only: one prompt's con
     crossattn = fake_clip(text, width, sign).to(torch.float16)
     if getattr(sd_model, "is_sdxl", False):
         generator = torch.Generator().manual_seed(zlib.crc32(text.encode()) + 1)
-        return {"crossattn": crossattn, "vector": torch.randn(2816, generator=generator).to(torch.float16)}
+        vector = torch.randn(getattr(sd_model, "vector_width", 2816), generator=generator)  # a refiner's: 2560
+        return {"crossattn": crossattn, "vector": vector.to(torch.float16)}
     return crossattn
 
 
@@ -93,7 +94,8 @@ class StableDiffusionProcessing:
     def __init__(self, prompt, negative_prompt="", *, batch_size=1, n_iter=1, steps=4, sampler_name="Euler",
                  cfg_scale=7.0, script_args=(), enable_hr=False, hr_second_pass_steps=0, hr_prompt="",
                  hr_negative_prompt="", hr_sampler_name=None, denoising_strength=0.5, controlnet=False, seed=1,
-                 scheduler="Automatic", hr_scheduler=None, override_settings=None):
+                 scheduler="Automatic", hr_scheduler=None, override_settings=None, refiner_checkpoint=None,
+                 refiner_switch_at=None):
         self.prompt = prompt
         self.negative_prompt = negative_prompt
         self.batch_size = batch_size
@@ -116,7 +118,9 @@ class StableDiffusionProcessing:
         self.rng = None
         self.seeds = [seed + i for i in range(batch_size)]
         self.override_settings = dict(override_settings or {})
-        self.sd_model = shared.sd_model
+        self.refiner_checkpoint = refiner_checkpoint
+        self.refiner_switch_at = refiner_switch_at
+        self.refiner_checkpoint_info = None
         self.extra_generation_params = {}
         self.is_hr_pass = False
         self.iteration = 0
@@ -128,6 +132,14 @@ class StableDiffusionProcessing:
         self.all_hr_prompts = [hr_prompt or p for p in self.all_prompts]
         self.all_hr_negative_prompts = [hr_negative_prompt or n for n in self.all_negative_prompts]
         self.hr_prompts = self.hr_negative_prompts = None
+
+    @property
+    def sd_model(self):  # the loaded checkpoint, whichever it is now (a refiner switch changes it)
+        return shared.sd_model
+
+    @sd_model.setter
+    def sd_model(self, value):
+        pass
 
     def parse_extra_network_prompts(self):
         self.prompts = [re_extra_net.sub("", x) for x in self.prompts]
@@ -145,10 +157,24 @@ class StableDiffusionProcessing:
     def setup_conds(self):
         self.c, self.uc = self._conds(self.prompts, self.negative_prompts)
 
+    def get_conds(self):
+        return self.c, self.uc
+
 
 class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
     def calculate_hr_conds(self):  # Txt2Img's only, as in the host (modules/processing.py line 1499)
         self.hr_c, self.hr_uc = self._conds(self.hr_prompts, self.hr_negative_prompts)
+
+    def setup_conds(self):
+        if self.is_hr_pass:  # a refiner switch in the hires pass: only the hires conds are made again
+            self.calculate_hr_conds()
+            return
+        super().setup_conds()
+
+    def get_conds(self):
+        if self.is_hr_pass:
+            return self.hr_c, self.hr_uc
+        return super().get_conds()
 
 
 class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
@@ -186,6 +212,10 @@ def process_images(p, runner):  # double-simplified: the scripts' runner is pass
 
 
 def _process_images_inner(p, runner):
+    if p.refiner_checkpoint not in (None, "", "None", "none"):
+        p.refiner_checkpoint_info = sd_models.get_closet_checkpoint_match(p.refiner_checkpoint)
+        if p.refiner_checkpoint_info is None:
+            raise Exception(f"Could not find checkpoint with name {p.refiner_checkpoint}")
     runner.call("process", p)
     infotexts = []
     size = p.batch_size
@@ -194,6 +224,7 @@ def _process_images_inner(p, runner):
         p.init_latent = torch.zeros(size, *LATENT)
     for n in range(p.n_iter):
         p.iteration = n
+        sd_models.reload_model_weights()  # the host: "model can be changed for example by refiner"
         p.prompts = p.all_prompts[n * size:(n + 1) * size]
         p.negative_prompts = p.all_negative_prompts[n * size:(n + 1) * size]
         p.rng = ImageRNG((size, *LATENT), p.seeds)

@@ -1,5 +1,6 @@
 """Imitates ``modules/sd_samplers_cfg_denoiser.py`` ``CFGDenoiser.forward`` (A1111 v1.10.1) up to the inner model:
 
+- ``sd_samplers_common.apply_refiner(self, sigma)`` first: after a refiner switch the sampler's new conds are used;
 - ``reconstruct_multicond_batch(cond, self.step)``: one row per AND sub-prompt, image by image (rows of unequal token
   counts padded by repeating the last token, ``prompt_parser.py``); ``reconstruct_cond_batch(uncond, self.step)``;
 - ``x_in`` / ``sigma_in``: each image repeated once per sub-prompt, then the uncond copies of all images;
@@ -55,7 +56,18 @@ class CFGDenoiser(torch.nn.Module):
     def inner_model(self):
         raise NotImplementedError()
 
+    def update_inner_model(self):
+        self.model_wrap = None
+        c, uc = self.p.get_conds()
+        self.sampler.sampler_extra_args["cond"] = c
+        self.sampler.sampler_extra_args["uncond"] = uc
+
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        from modules import sd_samplers_common  # it imports this module's state
+
+        if sd_samplers_common.apply_refiner(self, sigma):
+            cond = self.sampler.sampler_extra_args["cond"]
+            uncond = self.sampler.sampler_extra_args["uncond"]
         # cond: per image, a list of (rows at each step: the double keeps one row per sub-prompt, fixed over steps)
         conds_list = []
         rows = []

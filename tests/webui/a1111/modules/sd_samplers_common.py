@@ -10,7 +10,11 @@
   ``denoiser.total_steps``, the progress state, then ``func()``), ``callback_state`` (``state.sampling_step = i``),
   ``create_noise_sampler`` for the Brownian-noise samplers (the host's is k-diffusion's ``BrownianTreeNoiseSampler``
   seeded per image, which needs torchsde; the double's stand-in draws from a seeded generator: the noise levels a
-  sampler calls its model at do not depend on it).
+  sampler calls its model at do not depend on it);
+- ``apply_refiner(cfg_denoiser, sigma)``: at the first call whose completed ratio reaches ``p.refiner_switch_at``
+  (by steps, or by the timestep nearest the call's sigma), once per pass: the ``Refiner`` info keys, the refiner
+  loaded as ``shared.sd_model``, ``p.setup_conds()`` with its CLIP and ``update_inner_model`` (the sampler's
+  conds replaced, the sigma wrapper dropped).
 """
 
 import inspect
@@ -19,7 +23,7 @@ from collections import namedtuple
 import k_diffusion.sampling
 import torch
 
-from modules import shared
+from modules import sd_models, shared
 from modules.sd_samplers_cfg_denoiser import state
 
 SamplerDataTuple = namedtuple("SamplerData", ["name", "constructor", "aliases", "options"])
@@ -38,6 +42,31 @@ def setup_img2img_steps(p, steps=None):
         steps = int(requested / min(p.denoising_strength, 0.999)) if p.denoising_strength > 0 else 0
         return steps, requested - 1
     return p.steps, int(min(p.denoising_strength, 0.999) * p.steps)
+
+
+def apply_refiner(cfg_denoiser, sigma=None):
+    # double-simplified: the hires-fix option "Hires refiner" (which pass the refiner may run in) is not imitated
+    if shared.opts.refiner_switch_by_sample_steps or sigma is None:
+        completed_ratio = cfg_denoiser.step / cfg_denoiser.total_steps
+        cfg_denoiser.p.extra_generation_params["Refiner switch by sampling steps"] = True
+    else:
+        try:
+            timestep = torch.argmin(torch.abs(cfg_denoiser.inner_model.sigmas.to(sigma.device) - torch.max(sigma)))
+        except AttributeError:  # samplers without sigmas (DDIM) pass the timestep
+            timestep = torch.max(sigma).to(dtype=int)
+        completed_ratio = (999 - timestep) / 1000
+    refiner_switch_at = cfg_denoiser.p.refiner_switch_at
+    refiner_checkpoint_info = cfg_denoiser.p.refiner_checkpoint_info
+    if refiner_switch_at is not None and completed_ratio < refiner_switch_at:
+        return False
+    if refiner_checkpoint_info is None or shared.sd_model.sd_checkpoint_info == refiner_checkpoint_info:
+        return False
+    cfg_denoiser.p.extra_generation_params["Refiner"] = refiner_checkpoint_info.short_title
+    cfg_denoiser.p.extra_generation_params["Refiner switch at"] = refiner_switch_at
+    sd_models.reload_model_weights(info=refiner_checkpoint_info)
+    cfg_denoiser.p.setup_conds()
+    cfg_denoiser.update_inner_model()
+    return True
 
 
 class InterruptedException(BaseException):

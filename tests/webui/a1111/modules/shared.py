@@ -71,7 +71,7 @@ opts = Options()
 # the host options the tests rely on, at their defaults (modules/shared_options.py)
 opts.data.update(use_old_scheduling=False, enable_quantization=False, skip_early_cond=0.0, pad_cond_uncond=False,
                  pad_cond_uncond_v0=False, batch_cond_uncond=True, img2img_fix_steps=False, eta_ancestral=1.0,
-                 eta_ddim=0.0, uni_pc_order=3)
+                 eta_ddim=0.0, uni_pc_order=3, refiner_switch_by_sample_steps=False)
 
 # modules/cmd_args.py: --api-auth "user:password[,user2:password2]" (None when not given)
 cmd_opts = SimpleNamespace(lowvram=False, medvram=False, medvram_sdxl=False, api_auth=None)

@@ -171,10 +171,12 @@ def start(p, args: Sequence[Any]) -> Generation | None:
         # run the connector as trained: its token length and max where the request left them open (an API dict)
         options = generation.options = as_trained(options, chosen_fields(p, args), loaded.facts)
         if loaded.connector.config.out_width != width:
+            made_for = _family(loaded.connector.config.out_width)
             raise InputError(
-                f"ELLA: the connector {options.connector} outputs width {loaded.connector.config.out_width}, but this "
-                f"checkpoint's UNet takes {width} (SD 1.5: 768, SD 2: 1024, SDXL: 2048). Pick an SD 1.5 checkpoint "
-                "or a connector made for this one."
+                f"ELLA: the connector {options.connector} is made for {made_for} "
+                f"({loaded.connector.config.out_width}-wide rows), but this checkpoint is {_family(width)} "
+                f"({width}-wide). Load an {made_for} checkpoint for this connector, or pick a connector made for "
+                f"{_family(width)}."
             )
         generation.pooled = _check_pool(options.connector, loaded.connector, width)
         generation.conditioner = Conditioner(
@@ -202,6 +204,11 @@ def start(p, args: Sequence[Any]) -> Generation | None:
 SDXL_CONTEXT_WIDTH = 2048
 SDXL_POOLED_WIDTH = 1280  # CLIP-G's pooled vector: the first columns of SDXL's vector conditioning
 SDXL_VECTOR_WIDTH = 2816  # the pooled vector and six size / crop embeddings of 256
+
+
+def _family(width: int) -> str:
+    """The checkpoints a context width belongs to, as a user names them."""
+    return {768: "SD 1.5", 1024: "SD 2", SDXL_CONTEXT_WIDTH: "SDXL"}.get(width, f"{width}-wide context")
 
 
 def _check_pool(name: str, connector, width: int) -> bool:

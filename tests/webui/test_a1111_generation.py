@@ -357,9 +357,18 @@ def test_connector_width_mismatch_is_refused_and_image_made(host):
     shared.sd_model = FakeSDModel(2048, is_sdxl=True)
     p, processed = host.run("a cube", steps=1)
     assert host.recorded.calls == []
-    assert "ELLA error" in processed.infotexts[0] and "2048" in processed.infotexts[0]
+    assert (f"ELLA error: ELLA: the connector {CONNECTOR} is made for SD 1.5 (768-wide rows), but this checkpoint is "
+            "SDXL (2048-wide). Load an SD 1.5 checkpoint for this connector, or pick a connector made for SDXL"
+            in processed.infotexts[0])
     assert f"ELLA: {CONNECTOR}" not in processed.infotexts[0]
     assert p.denoisers[0].inner_calls, "the image is still made"
+
+
+def test_sdxl_connector_on_sd15_says_which_checkpoint_it_needs(host):
+    p, processed = host.run("a cube", steps=1, args=ella_args(connector="tiny-sdxl"))
+    assert host.recorded.calls == [] and p.denoisers[0].inner_calls, "no ELLA, but the image is made"
+    assert ("the connector tiny-sdxl is made for SDXL (2048-wide rows), but this checkpoint is SD 1.5 (768-wide). "
+            "Load an SDXL checkpoint for this connector, or pick a connector made for SD 1.5") in processed.infotexts[0]
 
 
 def test_missing_connector_says_where_to_put_it(host):

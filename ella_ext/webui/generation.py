@@ -474,19 +474,23 @@ def on_denoiser(params, adapter) -> None:
     if texts is None:  # ELLA off for this pass, or failed in this batch
         return
     try:
-        swap(generation, texts, params, hires, int(getattr(denoiser, "step", 0)), adapter)
+        swapped = swap(generation, texts, params, hires, int(getattr(denoiser, "step", 0)), adapter)
     except Exception as err:
         fail(generation, err)
+        return
+    if swapped:
+        neighbours.interpolate_frames(generation, p, params)
 
 
-def swap(generation: Generation, texts: PassTexts, params, hires: bool, step: int, adapter) -> None:
+def swap(generation: Generation, texts: PassTexts, params, hires: bool, step: int, adapter) -> bool:
+    """Replace the call's rows by ELLA's; False when ELLA left them to the host (a refiner switch)."""
     cond, uncond = params.text_cond, params.text_uncond
     cond_tensor = _crossattn(cond)
     uncond_tensor = None if uncond is None else _crossattn(uncond)
     width = generation.loaded.connector.config.out_width
     if cond_tensor.shape[-1] != width:  # the checkpoint fit at the start: the host switched it (a refiner)
         _stop_at_switch(generation, hires, cond_tensor.shape[-1], width)
-        return
+        return False
     uncond_rows = 0 if uncond is None else texts.uncond_rows
     if cond_tensor.shape[0] != texts.cond_rows or (uncond_tensor is not None and uncond_tensor.shape[0] != uncond_rows):
         raise InputError(
@@ -516,6 +520,7 @@ def swap(generation: Generation, texts: PassTexts, params, hires: bool, step: in
     calls = generation.calls[generation.batch] = generation.calls.get(generation.batch, 0) + 1
     if calls == 1:
         generation.write_infotext()
+    return True
 
 
 def _stop_at_switch(generation: Generation, hires: bool, host_width: int, width: int) -> None:

@@ -48,6 +48,61 @@ TILED_DIFFUSION_WARNING = ("Tiled Diffusion's region control conditions its regi
                            "control off, or ELLA, to condition the whole image one way")
 
 
+# AnimateDiff (continue-revolution/sd-webui-animatediff a88e8891): with prompt travel (lines "N: text") every frame
+# gets the prompt of the keyframe before it, and AnimateDiff's cfg_denoiser callback hands the UNet each frame's row
+# interpolated (slerp) between the rows of the keyframes around it, computed once from CLIP's first-step rows and held
+# for every step. ELLA's rows change with the timestep, so ELLA applies the same interpolation to its own rows at every
+# call, with AnimateDiff's own scheduler (its script's arguments on ``p``).
+ANIMATEDIFF_AND_WARNING = ("AnimateDiff's prompt travel interpolates one row per frame, and this prompt has AND "
+                           "parts: ELLA's rows were not interpolated between keyframes")
+
+
+def animatediff_travel(p):
+    """``(scheduler, closed_loop)`` of AnimateDiff's prompt travel for ``p`` when it is on, else None."""
+    runner = getattr(p, "scripts", None)
+    for script in getattr(runner, "alwayson_scripts", None) or []:
+        title = getattr(script, "title", None)
+        if not callable(title) or str(title()).lower() != "animatediff":
+            continue
+        args = getattr(p, "script_args", None) or ()
+        index = getattr(script, "args_from", None)
+        params = args[index] if isinstance(index, int) and 0 <= index < len(args) else None
+        scheduler = getattr(params, "prompt_scheduler", None)
+        if not getattr(params, "enable", False) or getattr(scheduler, "prompt_map", None) is None:
+            return None
+        # AnimateDiff closes the loop of its prompt schedule in its context-window modes "R+P" and "A" only
+        closed = params.video_length > params.batch_size and params.closed_loop in ("R+P", "A")
+        return scheduler, closed
+    return None
+
+
+def interpolate_frames(generation, p, params) -> None:
+    """After ELLA's swap: AnimateDiff's prompt-travel interpolation applied to ELLA's prompt rows (one per frame).
+    Never raises: a failure is logged and the rows are left as ELLA made them, with a warning."""
+    try:
+        travel = animatediff_travel(p)
+        if travel is None:
+            return
+        scheduler, closed = travel
+        cond = params.text_cond
+        rows = (cond["crossattn"] if isinstance(cond, dict) else cond).shape[0]
+        if rows != getattr(p, "batch_size", rows):
+            _warn_once(generation, ANIMATEDIFF_AND_WARNING)
+            return
+        params.text_cond = scheduler.multi_cond(cond, closed)
+    except Exception as err:
+        log.exception("ELLA: AnimateDiff's prompt-travel interpolation failed")
+        _warn_once(generation, f"AnimateDiff's prompt-travel interpolation of ELLA's rows failed "
+                               f"({type(err).__name__}: {err}): each frame got its keyframe's rows")
+
+
+def _warn_once(generation, warning: str) -> None:
+    if warning not in generation.warnings:
+        log.warning("ELLA: %s", warning)
+        generation.warnings.append(warning)
+        generation.write_infotext()
+
+
 def check(generation, p) -> None:
     """Every check, for this generation's ``p``: each warning is added once per generation (``generation.warnings``,
     shown in every batch's info text) and logged. Never raises: a check that fails is logged and skipped."""

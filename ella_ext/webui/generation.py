@@ -532,9 +532,10 @@ def _stop_at_switch(generation: Generation, hires: bool, host_width: int, width:
     name = getattr(info, "short_title", None) or getattr(info, "title", None)
     what = f"the refiner {name}" if name else "the checkpoint the WebUI switched to"
     conditioned = generation.calls.get(generation.batch, 0)
+    calls = f"{conditioned} sampler call{'' if conditioned == 1 else 's'}"
     message = (f"ELLA stopped at the refiner switch{' of the hires pass' if hires else ''}: {what} takes "
-               f"{host_width}-wide text conditioning, the connector makes {width}; ELLA conditioned "
-               f"{conditioned} sampler call{'' if conditioned == 1 else 's'} before it, the refiner's own CLIP the rest")
+               f"{host_width}-wide text conditioning, the connector makes {width}; ELLA conditioned {calls} before "
+               "it, the refiner's own CLIP the rest")
     log.info("%s", message)
     generation.passes.pop(hires, None)
     _drop_plan(generation)

@@ -144,7 +144,9 @@ def _meta_connector(shape):
 
 
 def _measure(config: Config, steps: int) -> dict:
-    """Time real training steps (random latents, features and timesteps) at the config's batch and resolution."""
+    """Time real training steps (random latents, features and timesteps) at the config's batch and resolution;
+    without a cache a step also runs the VAE on its images, the LLM and (SDXL) CLIP-G on its captions, so those are
+    timed too."""
     from .feed import Inputs
     from .model import connector_config, init_connector, load_base
     from .objective import compute_loss, make_optimizer
@@ -177,9 +179,13 @@ def _measure(config: Config, steps: int) -> dict:
             torch.randn(batch, base.clip_g.config.projection_dim).to(device) if base.family == "sdxl" else None,
             torch.tensor([[side, side, 0, 0, side, side]] * batch, dtype=torch.float32)
             if base.family == "sdxl" else None)
-        if encoder is not None:  # the on-the-fly LLM pass is part of a step
-            encoder.encode(["a photo of a cat"] * batch, config.model["max_length"])
         start = time.perf_counter()
+        if encoder is not None:  # on the fly, a step also encodes its images and captions (feed.make_inputs)
+            captions = ["a photo of a cat"] * batch
+            with torch.no_grad():
+                base.encode_pixels(torch.randn(batch, 3, side, side, generator=generator).to(device))
+                encoder.encode(captions, config.model["max_length"])
+                base.pooled(captions)  # SDXL's CLIP-G pass; nothing for SD 1.5
         loss = compute_loss(connector, base, inputs, accelerator)
         accelerator.backward(loss)
         optimizer.step()

@@ -31,7 +31,8 @@ wide and the pooled vector 1280 wide (a connector trained on it fits the full-si
 ``--trainer-config DIR`` writes the diffusers-layout configs ``python -m ella_ext.train`` needs for this file as
 ``[model] base_config``: the project's carried SDXL configs (``unet/`` reduced with ``--small``) and ``tokenizer_2/``
 (CLIP-G's tokenizer: OpenCLIP's vocabulary, the same as CLIP-L's, with ``!`` as the padding token as in the
-official diffusers release), made from the CLIP tokenizer in the HF cache.
+official diffusers release), made from the CLIP tokenizer in the HF cache. Without an output file only these configs
+are written (in seconds): what a real ``sd_xl_base_1.0.safetensors`` needs to be trained on as a single file.
 """
 
 import argparse
@@ -53,7 +54,8 @@ DTYPE_NAMES = {"float16": "F16", "float32": "F32", "int64": "I64", "int32": "I32
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("output", type=Path, help="the .safetensors file to write")
+    parser.add_argument("output", type=Path, nargs="?",
+                        help="the .safetensors file to write (leave out to write only --trainer-config)")
     parser.add_argument("--webui", type=Path, required=True,
                         help="the A1111 WebUI folder (holds repositories/generative-models)")
     parser.add_argument("--seed", type=int, default=1234)
@@ -61,7 +63,10 @@ def parse_args() -> argparse.Namespace:
                         help="a 64-channel UNet with one transformer block per level (CLIPs and VAE full size)")
     parser.add_argument("--trainer-config", type=Path,
                         help="also write the diffusers configs and CLIP-G tokenizer for ella_ext.train's base_config")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.output is None and args.trainer_config is None:
+        parser.error("give the output file, --trainer-config, or both")
+    return args
 
 
 def model_config(webui: Path, small: bool):
@@ -236,6 +241,10 @@ def main() -> None:
 
     # what the WebUI itself does for pytorch_lightning >= 1.8 (modules/initialize_util.py)
     sys.modules.setdefault("pytorch_lightning.utilities.distributed", pytorch_lightning.utilities.rank_zero)
+    if args.output is None:
+        write_trainer_config(args.trainer_config.resolve(), args.small)
+        print(f"trainer configs: {args.trainer_config} (set [model] base_config to it)")
+        return
     patch_offline()
     config = model_config(webui, args.small)
     metadata = {"format": "pt", "modelspec.architecture": "stable-diffusion-xl-v1-base",

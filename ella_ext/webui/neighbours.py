@@ -1,8 +1,9 @@
 """Other extensions whose combination with ELLA needs a word: each is detected from what it writes on ``p`` when it
 is active, and ELLA adds an ``ELLA warning`` (once per generation, also in the console) saying what happens.
 
-The checks come from reading those extensions' code (the commits named below); they were not yet tried in a real
-WebUI with them. Where a statement is inferred from that reading, the message says "from its code".
+The checks come from reading those extensions' code (the commits named below), and each message was then seen in a
+real A1111 1.10.1 with the extension installed at that commit, with what reached the UNet measured (README: "With other
+extensions").
 
 Script order: A1111 runs the scripts of its extensions in the order of their folder names (ELLA's is typically
 ``sd-webui-ella``), so ``adetailer``, ``multidiffusion-upscaler-for-automatic1111`` and ``sd-webui-cutoff`` run their
@@ -29,23 +30,23 @@ ADETAILER_WARNING = ("ADetailer's inpaint passes use CLIP (not ELLA): to have EL
 # "RP Calc Mode" (Attention / Latent) and "RP Divide mode" (Matrix / Mask / Prompt).
 RP_ADVICE = "use Regional Prompter's Latent mode (Matrix or Mask), or turn ELLA off for regional prompts"
 RP_ATTENTION_WARNING = ("Regional Prompter's Attention mode splits the context into CLIP's 75-token chunks, one range "
-                        "per region, which ELLA's rows do not have, so from its code every region sees the whole "
-                        f"prompt: {RP_ADVICE}")
+                        "per region, which ELLA's rows do not have, so every region sees the whole prompt: "
+                        f"{RP_ADVICE}")
 RP_PROMPT_WARNING = ("Regional Prompter's Prompt mode finds its regions at the target words' CLIP token positions, "
-                     "which ELLA's rows do not have, so from its code its regions do not follow those words: "
+                     "which ELLA's rows do not have, so its regions do not follow those words: "
                      f"{RP_ADVICE}")
 # Cutoff (hnmr293/sd-webui-cutoff 33f102c0): ``process()`` hooks CLIP's output and writes "Cutoff enabled".
 CUTOFF_WARNING = ("Cutoff edits CLIP's output, which ELLA replaces: it has no effect on ELLA's rows (with ELLA + CLIP, "
                   "only on CLIP's part)")
 # NegPiP (hako-mikan/sd-webui-negpip dc75fd2c): its ``process_batch`` removes the negative-weight terms from the
 # prompts, encodes them with CLIP, adds them to the cross-attention context and writes "NegPiP Active".
-NEGPIP_WARNING = ("NegPiP's negative weights apply to CLIP tokens only (from its code, it adds them to ELLA's context "
-                  "itself): ELLA reads the prompt with negative weights as 0")
+NEGPIP_WARNING = ("NegPiP's negative weights apply to CLIP tokens only (it appends those terms' CLIP tokens to ELLA's "
+                  "context itself): ELLA reads the prompt with negative weights as 0")
 # Tiled Diffusion (pkuliyi2015/multidiffusion-upscaler-for-automatic1111 22798f68): ``process()`` writes the dict
 # "Tiled Diffusion", with "Region control" in it when region control is on.
-TILED_DIFFUSION_WARNING = ("Tiled Diffusion's region control conditions its regions with CLIP (from its code, it "
-                           "encodes their prompts itself), while the rest of the image gets ELLA's rows: turn region "
-                           "control off, or ELLA, to condition the whole image one way")
+TILED_DIFFUSION_WARNING = ("Tiled Diffusion's region control conditions its regions with CLIP (it encodes their "
+                           "prompts itself), while the rest of the image gets ELLA's rows: turn region control off, or "
+                           "ELLA, to condition the whole image one way")
 
 
 # AnimateDiff (continue-revolution/sd-webui-animatediff a88e8891): with prompt travel (lines "N: text") every frame

@@ -75,6 +75,25 @@ def scheduler(prediction: str = "epsilon"):
                          prediction_type=prediction, clip_sample=False)
 
 
+def write_sd15_single_file(path: Path, extra: dict | None = None, half: bool = False):
+    """A tiny SD 1.5 checkpoint in A1111's key layout at ``path`` (the UNet's and VAE's tensors, plus ``extra``; in
+    float16 with ``half``) and the diffusers configs that shape it in ``path.parent / "configs"``; returns the configs
+    folder and the UNet and VAE it was made from."""
+    from safetensors.torch import save_file
+
+    from .ldm_layout import unet_to_ldm, vae_to_ldm
+
+    unet, vae = tiny_unet(layout="sd"), tiny_vae(layout="sd")
+    state = {**unet_to_ldm(unet.state_dict()), **vae_to_ldm(vae.state_dict()), **(extra or {})}
+    save_file({k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in state.items()},
+              str(path))
+    configs = path.parent / "configs"
+    unet.save_config(configs / "unet")
+    vae.save_config(configs / "vae")
+    scheduler().save_config(configs / "scheduler")
+    return configs, unet, vae
+
+
 def write_clip_tokenizer(folder: Path) -> None:
     """A tiny CLIP BPE tokenizer (unknown characters map to <unk>), enough for a pooled embedding."""
     folder.mkdir(parents=True, exist_ok=True)

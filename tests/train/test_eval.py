@@ -345,30 +345,23 @@ def test_dpg_bench_csv_with_official_quirks_and_limit(eval_setup, full, tmp_path
 def test_baseline_from_an_a1111_single_file(tmp_path, tiny_t5_dir, images8):
     """A single file's CLIP-L (cond_stage_model.transformer.*) gives the rows the model itself gives; without a
     tokenizer the message says where to get one."""
-    from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from ella_ext.evaluate.baseline import BaselineError, load_base_text
     from ella_ext.train.model import load_base
 
-    from .conftest import scheduler, tiny_unet, tiny_vae
-    from .ldm_layout import unet_to_ldm, vae_to_ldm
+    from .conftest import write_sd15_single_file
 
     torch.manual_seed(5)
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=60, hidden_size=768, intermediate_size=32, num_attention_heads=12,
                                         num_hidden_layers=2, max_position_embeddings=16, hidden_act="quick_gelu",
                                         bos_token_id=58, eos_token_id=59, pad_token_id=59)).eval()
-    unet, vae = tiny_unet(layout="sd"), tiny_vae(layout="sd")
-    state = {**unet_to_ldm(unet.state_dict()), **vae_to_ldm(vae.state_dict())}
+    state = {}
     for key, value in clip.state_dict().items():
         name = key if key.startswith("text_model.") else "text_model." + key  # the file's names on every stack
         state["cond_stage_model.transformer." + name] = value
     path = tmp_path / "tiny-sd15.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    configs = tmp_path / "configs"
-    unet.save_config(configs / "unet")
-    vae.save_config(configs / "vae")
-    scheduler().save_config(configs / "scheduler")
+    configs, _, _ = write_sd15_single_file(path, state)
     config = load_config(write_config(tmp_path / "run.toml", base=path, llm=tiny_t5_dir, images=images8,
                                       output=tmp_path / "out", model={"base_config": str(configs)}))
     base = load_base(config, torch.device("cpu"), torch.float32)

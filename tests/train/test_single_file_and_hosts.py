@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from ella_ext.train.cli import build_parser, main
 from ella_ext.train.config import load_config
@@ -15,8 +14,7 @@ from ella_ext.train.loop import train
 from ella_ext.train.model import load_base
 
 from ..webui.conftest import forge_host, host, models_dir  # noqa: F401  (the host doubles' fixtures)
-from .conftest import needs_extras, scheduler, tiny_unet, tiny_vae, write_config
-from .ldm_layout import unet_to_ldm, vae_to_ldm
+from .conftest import needs_extras, write_config, write_sd15_single_file
 
 needs_extras()
 
@@ -25,15 +23,10 @@ needs_extras()
 def single_file(tmp_path_factory):
     """A tiny checkpoint in A1111's key layout (SD 1.5's block structure at small widths) and its config folder."""
     folder = tmp_path_factory.mktemp("single")
-    unet, vae = tiny_unet(layout="sd"), tiny_vae(layout="sd")
-    state = {**unet_to_ldm(unet.state_dict()), **vae_to_ldm(vae.state_dict()),
-             "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "tiny-sd15.safetensors"))
-    configs = folder / "configs"
-    unet.save_config(configs / "unet")
-    vae.save_config(configs / "vae")
-    scheduler().save_config(configs / "scheduler")
-    return folder / "tiny-sd15.safetensors", configs, unet, vae
+    path = folder / "tiny-sd15.safetensors"
+    configs, unet, vae = write_sd15_single_file(
+        path, {"cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]})
+    return path, configs, unet, vae
 
 
 def test_single_file_sd15_checkpoint_loads_as_the_base(tmp_path, single_file, tiny_t5_dir, images8):

@@ -5,27 +5,19 @@ beside the whole file (about 19 GiB for SDXL on the CPU; issue 18)."""
 from __future__ import annotations
 
 import torch
-from safetensors.torch import save_file
 
 from ella_ext.train.config import load_config
 from ella_ext.train.model import _load_single_file, load_base
 
-from .conftest import needs_extras, scheduler, tiny_unet, tiny_vae, write_config
-from .ldm_layout import unet_to_ldm, vae_to_ldm
+from .conftest import needs_extras, write_config, write_sd15_single_file
 
 needs_extras()
 
 
 def test_an_fp16_file_builds_fp16_models_and_load_base_converts_them(tmp_path, tiny_t5_dir, images8):
-    unet, vae = tiny_unet(layout="sd"), tiny_vae(layout="sd")
-    state = {**unet_to_ldm(unet.state_dict()), **vae_to_ldm(vae.state_dict()),
-             "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
     path = tmp_path / "tiny-sd15-fp16.safetensors"
-    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}, str(path))
-    configs = tmp_path / "configs"
-    unet.save_config(configs / "unet")
-    vae.save_config(configs / "vae")
-    scheduler().save_config(configs / "scheduler")
+    configs, unet, vae = write_sd15_single_file(
+        path, {"cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}, half=True)
     config = load_config(write_config(tmp_path / "run.toml", base=path, llm=tiny_t5_dir, images=images8,
                                       output=tmp_path / "out", model={"base_config": str(configs)}))
 

@@ -55,6 +55,7 @@ from ..pass_plan import Foreseen, PassPlan, column_key, plan_pass
 from ..pass_rows import PassTexts, assemble, has_controlnet_mark, row_timesteps
 from ..prompts import MAX_EMPHASIS, WeightedText, plain_text
 from . import host, infotext, neighbours, settings
+from .host_context import check_pool, crossattn, family, rebuild
 from .loading import LoadedModels, as_trained, check_names, llm_mismatch, manager, token_mismatch
 
 log = logging.getLogger("ella")
@@ -82,6 +83,7 @@ class Generation:
     plan: PassPlan | None = None  # the current pass's foreseen calls, its rows arranged in the conditioner
     pass_calls: dict[str, int] = field(default_factory=lambda: {"looked up": 0, "computed at the call": 0})
     pooled: bool = False  # SDXL with a connector that has an attention pool: its vectors replace CLIP-G's
+    travel: Any = None  # AnimateDiff's prompt travel (its scheduler, closed loop) for this batch, if on
     owner: Any = field(default=None, repr=False, compare=False)  # the host's p it was started on
 
     def release(self) -> None:
@@ -171,14 +173,14 @@ def start(p, args: Sequence[Any]) -> Generation | None:
         # run the connector as trained: its token length and max where the request left them open (an API dict)
         options = generation.options = as_trained(options, chosen_fields(p, args), loaded.facts)
         if loaded.connector.config.out_width != width:
-            made_for = _family(loaded.connector.config.out_width)
+            made_for = family(loaded.connector.config.out_width)
             raise InputError(
                 f"ELLA: the connector {options.connector} is made for {made_for} "
-                f"({loaded.connector.config.out_width}-wide rows), but this checkpoint is {_family(width)} "
+                f"({loaded.connector.config.out_width}-wide rows), but this checkpoint is {family(width)} "
                 f"({width}-wide). Load an {made_for} checkpoint for this connector, or pick a connector made for "
-                f"{_family(width)}."
+                f"{family(width)}."
             )
-        generation.pooled = _check_pool(options.connector, loaded.connector, width)
+        generation.pooled = check_pool(options.connector, loaded.connector, width)
         generation.conditioner = Conditioner(
             loaded.connector, loaded.encoder, max_length=options.fixed_length,
             cache_entries=int(settings.get("ella_tsc_cache")),
@@ -199,31 +201,6 @@ def start(p, args: Sequence[Any]) -> Generation | None:
         return None
     setattr(p, ATTRIBUTE, generation)
     return generation
-
-
-SDXL_CONTEXT_WIDTH = 2048
-SDXL_POOLED_WIDTH = 1280  # CLIP-G's pooled vector: the first columns of SDXL's vector conditioning
-SDXL_VECTOR_WIDTH = 2816  # the pooled vector and six size / crop embeddings of 256
-
-
-def _family(width: int) -> str:
-    """The checkpoints a context width belongs to, as a user names them."""
-    return {768: "SD 1.5", 1024: "SD 2", SDXL_CONTEXT_WIDTH: "SDXL"}.get(width, f"{width}-wide context")
-
-
-def _check_pool(name: str, connector, width: int) -> bool:
-    """Whether the connector's attention pool gives this generation's pooled vector: on SDXL, when it has one (of
-    SDXL's width). Other checkpoints take no pooled vector, so a pool does nothing there."""
-    if not getattr(connector, "has_pool", False) or width != SDXL_CONTEXT_WIDTH:
-        return False
-    pooled_width = connector.config.pooled_width
-    if pooled_width != SDXL_POOLED_WIDTH:
-        raise InputError(
-            f"ELLA: the connector {name} makes {pooled_width}-wide pooled vectors, but SDXL takes "
-            f"{SDXL_POOLED_WIDTH}: it was trained on a base of another shape. Pick a connector trained on an SDXL "
-            "base."
-        )
-    return True
 
 
 def _report(p, message: str) -> None:
@@ -258,6 +235,7 @@ def prepare_batch(p, batch_number: int) -> None:
         clamped = _out_of_range([w for texts in generation.passes.values() for w in texts.out_of_range])
         generation.batch_warnings[batch_number] = [*clamped, *_truncated(generation, texts)]
         neighbours.check(generation, p)
+        neighbours.find_travel(generation, p)
     except Exception as err:
         fail(generation, err)
 
@@ -485,8 +463,8 @@ def on_denoiser(params, adapter) -> None:
 def swap(generation: Generation, texts: PassTexts, params, hires: bool, step: int, adapter) -> bool:
     """Replace the call's rows by ELLA's; False when ELLA left them to the host (a refiner switch)."""
     cond, uncond = params.text_cond, params.text_uncond
-    cond_tensor = _crossattn(cond)
-    uncond_tensor = None if uncond is None else _crossattn(uncond)
+    cond_tensor = crossattn(cond)
+    uncond_tensor = None if uncond is None else crossattn(uncond)
     width = generation.loaded.connector.config.out_width
     if cond_tensor.shape[-1] != width:  # the checkpoint fit at the start: the host switched it (a refiner)
         _stop_at_switch(generation, hires, cond_tensor.shape[-1], width)
@@ -510,11 +488,11 @@ def swap(generation: Generation, texts: PassTexts, params, hires: bool, step: in
         generation.pass_calls["computed at the call"] += 1
     with_clip = generation.options.with_clip
     pooled = generation.conditioner.pooled(row_texts) if generation.pooled else None
-    params.text_cond = _rebuild(cond, assemble(rows[: texts.cond_rows], cond_tensor, with_clip=with_clip,
+    params.text_cond = rebuild(cond, assemble(rows[: texts.cond_rows], cond_tensor, with_clip=with_clip,
                                                marked=_marked(generation, (hires, "cond"), cond_tensor)),
                                 None if pooled is None else pooled[: texts.cond_rows])
     if uncond_tensor is not None:
-        params.text_uncond = _rebuild(uncond, assemble(rows[texts.cond_rows :], uncond_tensor, with_clip=with_clip,
+        params.text_uncond = rebuild(uncond, assemble(rows[texts.cond_rows :], uncond_tensor, with_clip=with_clip,
                                                        marked=_marked(generation, (hires, "uncond"), uncond_tensor)),
                                       None if pooled is None else pooled[texts.cond_rows :])
     calls = generation.calls[generation.batch] = generation.calls.get(generation.batch, 0) + 1
@@ -541,10 +519,8 @@ def _stop_at_switch(generation: Generation, hires: bool, host_width: int, width:
     _drop_plan(generation)
     if not conditioned:  # the switch came first: nothing of this batch is ELLA's
         generation.failed[generation.batch] = message
-    else:
-        warnings = generation.batch_warnings.setdefault(generation.batch, [])
-        if message not in warnings:
-            warnings.append(message)
+    else:  # once per pass: the pass's texts are dropped above
+        generation.batch_warnings.setdefault(generation.batch, []).append(message)
     generation.write_infotext()
 
 
@@ -554,33 +530,6 @@ def _marked(generation: Generation, key: tuple[bool, str], context: torch.Tensor
     if found is None:
         found = generation.marked[key] = has_controlnet_mark(context)
     return found
-
-
-def _crossattn(context) -> torch.Tensor:
-    return context["crossattn"] if isinstance(context, dict) else context
-
-
-def _rebuild(original, tensor: torch.Tensor, pooled: torch.Tensor | None = None):
-    """The new context in the host's container: SDXL's ``DictWithShape`` keeps ``vector`` and its other keys; with
-    ``pooled`` (the connector's pool, one row per row) the vector's pooled columns are replaced by it, its size /
-    crop embeddings left as the host made them."""
-    if not isinstance(original, dict):
-        return tensor
-    changed = {"crossattn": tensor}
-    if pooled is not None:
-        changed["vector"] = _with_pooled(original["vector"], pooled)
-    return type(original)({**original, **changed})
-
-
-def _with_pooled(vector: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    if vector.ndim != 2 or vector.shape[1] != SDXL_VECTOR_WIDTH or vector.shape[0] != pooled.shape[0]:
-        raise InputError(
-            f"ELLA: the checkpoint's vector conditioning is {list(vector.shape)}, not SDXL's [{pooled.shape[0]}, "
-            f"{SDXL_VECTOR_WIDTH}] (an SDXL refiner?), so the connector's pooled vector cannot replace CLIP-G's there"
-        )
-    vector = vector.clone()
-    vector[:, : pooled.shape[1]] = pooled.to(device=vector.device, dtype=vector.dtype)
-    return vector
 
 
 def finish(p) -> None:

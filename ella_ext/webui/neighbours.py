@@ -77,14 +77,23 @@ def animatediff_travel(p):
     return None
 
 
+def find_travel(generation, p) -> None:
+    """At the start of each batch (AnimateDiff set its scheduler up in its ``before_process``): remember its prompt
+    travel on the generation, for :func:`interpolate_frames` at every call. Never raises."""
+    try:
+        generation.travel = animatediff_travel(p)
+    except Exception:
+        log.exception("ELLA: could not read AnimateDiff's prompt travel")
+        generation.travel = None
+
+
 def interpolate_frames(generation, p, params) -> None:
     """After ELLA's swap: AnimateDiff's prompt-travel interpolation applied to ELLA's prompt rows (one per frame).
     Never raises: a failure is logged and the rows are left as ELLA made them, with a warning."""
+    if generation.travel is None:
+        return
+    scheduler, closed = generation.travel
     try:
-        travel = animatediff_travel(p)
-        if travel is None:
-            return
-        scheduler, closed = travel
         cond = params.text_cond
         rows = (cond["crossattn"] if isinstance(cond, dict) else cond).shape[0]
         if rows != getattr(p, "batch_size", rows):

@@ -7,6 +7,8 @@
 # The sampler matrix of tests/webui/test_precompute.py runs whole on the forge stack and one sampler of each family on
 # the others (ELLA_SAMPLERS=family): they differ from it only in transformers / gradio / torch versions, and CI runs
 # on a busy 2-core machine with 30 minutes for everything.
+# pip keeps no cache (--no-cache-dir): the three stacks' wheels (the oldest's torch alone brings 3 GB of CUDA
+# libraries) would otherwise sit on disk twice, and a CI machine with little disk ran out of space setting them up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stacks=("$@")
@@ -21,8 +23,8 @@ setup() {  # setup STACK: (re)build .venv-STACK if its requirements changed; out
   rm -rf "$venv"
   "$python" -m venv "$venv"
   grep -v '^k-diffusion' "$req" > "$venv/req.txt"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$venv/req.txt"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps "$(grep '^k-diffusion' "$req")"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir -r "$venv/req.txt"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir --no-deps "$(grep '^k-diffusion' "$req")"
   cp "$req" "$venv/.requirements"
 }
 

@@ -277,6 +277,25 @@ def test_sdxl_stays_a_dict_with_shape_that_forge_can_index(forge_host):
     torch.testing.assert_close(chunk.y[:4], torch.stack(expected))
 
 
+def test_sdxl_reservation_counts_the_wider_rows_computed_ahead(reserving, models_dir):
+    # Forge is asked to keep free what a pass computes ahead: every (text, timestep) row of the pass, 2048 wide on SDXL
+    from modules import shared
+
+    from ella_ext.connector_file import read_config
+
+    forge_host, steps, reserved = reserving, 4, {}
+    for name, width, is_sdxl in ((CONNECTOR, 768, False), ("tiny-sdxl", 2048, True)):
+        shared.sd_model = forge_sd_model(forge_host.kind == "forge-new", width, is_sdxl=is_sdxl)
+        memory_manager().prepared.clear()
+        p, _ = forge_host.run("a cube", "blurry", steps=steps, args=ella_args(connector=name))
+        assert forge_host.reported() == [] and chunks(p)[0][0].crossattn.shape[-1] == width
+        (_, reserved[width]), = memory_manager().prepared
+    latents = read_config(models_dir / "ELLA" / "tiny-sdxl.safetensors").num_latents
+    rows = 2 * steps * latents  # prompt and negative, at each of the pass's calls, computed ahead (fp16 at least)
+    assert reserved[2048] >= rows * 2048 * 2
+    assert reserved[2048] - reserved[768] >= rows * (2048 - 768) * 2
+
+
 def test_other_model_families_are_refused_and_the_image_made(forge_host):
     from modules import shared
 

@@ -87,7 +87,7 @@ def _meta_sizes(config: Config) -> dict[str, int]:
 def estimate(config: Config, measure: bool = True, measure_steps: int = 3) -> dict:
     from ..llm_files import load_tokenizer
     from .model import connector_config
-    from .runtime import llm_dtype
+    from .runtime import llm_dtype, needs_clip_g
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes = _meta_sizes(config)
@@ -120,6 +120,8 @@ def estimate(config: Config, measure: bool = True, measure_steps: int = 3) -> di
         else:
             tokens = min(len(tokenizer(record.caption)["input_ids"]), config.model["max_length"])
         feature_total += tokens * sizes["llm_width"] * feature_bytes + 4 * sizes.get("pooled_width", 0)
+    if not needs_clip_g(config):  # the connector's pool makes SDXL's pooled vector: CLIP-G is not loaded
+        sizes.pop("clip_g", None)
     frozen = sizes["unet"] + sizes["vae"] + sizes.get("clip_g", 0)
     report = {
         "images": len(records),
@@ -150,11 +152,11 @@ def _measure(config: Config, steps: int) -> dict:
     from .feed import Inputs
     from .model import connector_config, init_connector, load_base
     from .objective import compute_loss, make_optimizer
-    from .runtime import load_encoder, make_accelerator, peak_lr, weight_dtype
+    from .runtime import load_encoder, make_accelerator, needs_clip_g, peak_lr, weight_dtype
 
     accelerator = make_accelerator(config)
     device = accelerator.device
-    base = load_base(config, device, weight_dtype(config))
+    base = load_base(config, device, weight_dtype(config), clip_g=needs_clip_g(config))
     if config.train["gradient_checkpointing"]:
         base.unet.enable_gradient_checkpointing()
     encoder = load_encoder(config, device) if not config.train["cache"] else None
@@ -176,7 +178,7 @@ def _measure(config: Config, steps: int) -> dict:
             torch.randn(batch, tokens, width, generator=generator).to(device), None,
             torch.randint(0, 1000, (batch,), generator=generator).to(device),
             torch.randn(batch, base.unet.config.in_channels, latent, latent, generator=generator).to(device),
-            torch.randn(batch, base.clip_g.config.projection_dim).to(device) if base.family == "sdxl" else None,
+            torch.randn(batch, base.pooled_width).to(device) if base.family == "sdxl" else None,
             torch.tensor([[side, side, 0, 0, side, side]] * batch, dtype=torch.float32)
             if base.family == "sdxl" else None)
         start = time.perf_counter()
@@ -185,7 +187,7 @@ def _measure(config: Config, steps: int) -> dict:
             with torch.no_grad():
                 base.encode_pixels(torch.randn(batch, 3, side, side, generator=generator).to(device))
                 encoder.encode(captions, config.model["max_length"])
-                base.pooled(captions)  # SDXL's CLIP-G pass; nothing for SD 1.5
+                base.pooled(captions)  # SDXL's CLIP-G pass; nothing for SD 1.5 or without CLIP-G
         loss = compute_loss(connector, base, inputs, accelerator)
         accelerator.backward(loss)
         optimizer.step()

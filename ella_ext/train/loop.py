@@ -55,6 +55,7 @@ from .runtime import (
     llm_dtype,
     load_encoder,
     make_accelerator,
+    needs_clip_g,
     peak_lr,
     set_threads,
     weight_dtype,
@@ -187,7 +188,7 @@ class _Run:
         self.encoder = self.reader = None
         if cache_dir is not None and cache_complete(cache_dir):  # a stale cache is refused before the models load
             self.reader = CacheReader(cache_dir, config, dtype_name)
-        self.base = base = load_base(config, device, weight_dtype(config))
+        self.base = base = load_base(config, device, weight_dtype(config), clip_g=needs_clip_g(config))
         if config.train["gradient_checkpointing"]:
             base.unet.enable_gradient_checkpointing()
             _checkpointing_needs_train_mode(base.unet)
@@ -198,6 +199,8 @@ class _Run:
                 log.info("ELLA train: making the cache %s first", cache_dir)
                 build_cache(config, cache_dir, accelerator, base, self.encoder, dtype_name)
                 self.reader = CacheReader(cache_dir, config, dtype_name)
+                if config.connector["pooled"] == "attention":  # CLIP-G was loaded for the cache only
+                    base.clip_g = base.clip_g_tokenizer = None
             self.llm_width = self.reader.empty()["features"].shape[-1]
         else:
             self.llm_width = self.encoder.hidden_size

@@ -171,7 +171,7 @@ def _single_file_family(keys: set[str], path: str) -> str:
     return "sd15"
 
 
-def _load_single_file(path: str, config: Config) -> tuple[str, Any, Any, Any, Any, Any]:
+def _load_single_file(path: str, config: Config, with_clip_g: bool) -> tuple[str, Any, Any, Any, Any, Any]:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from safetensors import safe_open
 
@@ -203,7 +203,7 @@ def _load_single_file(path: str, config: Config) -> tuple[str, Any, Any, Any, An
                              "standard SD 1.5 / SDXL checkpoint, set [model] base_config to a diffusers folder with "
                              "its unet/, vae/ and scheduler/ configs.") from exc
     clip_g = tokenizer = None
-    if family == "sdxl":
+    if family == "sdxl" and with_clip_g:
         clip_g, tokenizer = _single_file_clip_g(_file_part(file, keys, "conditioner.embedders.1."), folder, file.name)
     if "v_pred" in keys and config.model["prediction"] == "auto":
         scheduler.register_to_config(prediction_type="v_prediction")
@@ -251,7 +251,7 @@ def load_clip_tokenizer(folder: str):
         f"configs too), or copy a tokenizer_2 folder into {folder}.")
 
 
-def _load_folder(base: str, config: Config) -> tuple[str, Any, Any, Any, Any, Any]:
+def _load_folder(base: str, config: Config, with_clip_g: bool) -> tuple[str, Any, Any, Any, Any, Any]:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     try:
@@ -267,7 +267,7 @@ def _load_folder(base: str, config: Config) -> tuple[str, Any, Any, Any, Any, An
         raise ConfigError(f"[model] family = {wanted!r} but {base} holds an {family} UNet; set family = 'auto' or "
                           f"{family!r}.")
     clip_g = tokenizer = None
-    if family == "sdxl":
+    if family == "sdxl" and with_clip_g:
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
         try:
@@ -279,13 +279,13 @@ def _load_folder(base: str, config: Config) -> tuple[str, Any, Any, Any, Any, An
     return family, unet, vae, scheduler, clip_g, tokenizer
 
 
-def load_base(config: Config, device: torch.device, dtype: torch.dtype) -> Base:
-    """The frozen base in ``dtype`` on ``device`` (eval mode, no gradients)."""
+def load_base(config: Config, device: torch.device, dtype: torch.dtype, clip_g: bool = True) -> Base:
+    """The frozen base in ``dtype`` on ``device`` (eval mode, no gradients); SDXL's CLIP-G only with ``clip_g``."""
     _quiet_diffusers()
     base = config.resolve(config.model["base"])
     refuse_pickle(base, "[model] base")
     loader = _load_single_file if is_single_file(base) else _load_folder
-    family, unet, vae, scheduler, clip_g, tokenizer = loader(base, config)
+    family, unet, vae, scheduler, clip_g, tokenizer = loader(base, config, clip_g)
     if unet.config.cross_attention_dim is None or isinstance(unet.config.cross_attention_dim, (list, tuple)):
         raise BaseModelError(f"{base}: the UNet has no single cross-attention width; ELLA conditions SD 1.5 / SDXL "
                              "UNets.")

@@ -100,6 +100,16 @@ def load_encoder(config: Config, device: torch.device):
                           f"or 0 to {count - 1}.") from exc
 
 
+def needs_clip_g(config: Config) -> bool:
+    """Whether a training run needs SDXL's CLIP-G: not when the connector's attention pool makes the pooled vector
+    (``[connector] pooled = "attention"``), unless the run builds its cache first: cache entries keep CLIP-G's
+    vector, so that a run with either kind of pooled vector can read them."""
+    from .cache import cache_complete
+
+    cache = config.cache_dir
+    return config.connector["pooled"] != "attention" or (cache is not None and not cache_complete(cache))
+
+
 def token_max_length(config: Config) -> int | None:
     return config.model["max_length"] if config.model["token_length"] == "fixed" else None
 

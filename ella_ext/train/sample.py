@@ -56,15 +56,13 @@ def generate(config: Config, base, connector: Connector, conditions: PromptCondi
 @torch.no_grad()
 def pooled_pair(connector: Connector, text, empty, clip_pooled, clip_empty) -> tuple:
     """SDXL's pooled vectors of a text and of the negative: the connector's pool of their features when it has one
-    (``[connector] pooled = "attention"``), else CLIP-G's (given); None, None for SD 1.5."""
-    if clip_pooled is None:
-        return None, None
-    device = next(connector.parameters()).device
-    pooled = []
-    for features, mask in (text, empty):
-        pooled.append(connector.pooled(features.to(device), None if mask is None else mask.to(device)))
-    if pooled[0] is None:
+    (``[connector] pooled = "attention"``: a training run then has no CLIP-G), else CLIP-G's (given); None, None for
+    SD 1.5."""
+    if not connector.has_pool:
         return clip_pooled, clip_empty
+    device = next(connector.parameters()).device
+    pooled = [connector.pooled(features.to(device), None if mask is None else mask.to(device))
+              for features, mask in (text, empty)]
     return pooled[0].float(), pooled[1].float()
 
 

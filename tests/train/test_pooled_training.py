@@ -61,15 +61,19 @@ def test_the_pool_trains_and_gives_the_unet_its_pooled_vector(tmp_path, sdxl_bas
     from ella_ext.train.model import connector_config, init_connector
 
     sources = [{"path": str(images8), "caption_dropout": 0.5}]  # caption-dropped samples: the pool of "" features
-    config = load_config(_config(tmp_path, sdxl_base, tiny_t5_dir, images8, sources=sources))
+    config = load_config(_config(tmp_path, sdxl_base, tiny_t5_dir, images8, sources=sources,
+                                 sample={"prompts": ["a red cube"], "steps": 2}))
     seen = _spy(monkeypatch)
+    _no_clip_g(monkeypatch)
     result = train(config)
-    assert len(seen["handed"]) == 3
+    assert len(seen["handed"]) == 3 + 1  # 3 steps, then the sample image (its negative's and prompt's vectors)
     for expected, handed, clip in zip(seen["expected"], seen["handed"], seen["clip"]):
         assert handed.shape == (2, POOLED) and handed.requires_grad  # the UNet's width; the gradient reaches it
         torch.testing.assert_close(handed.detach(), expected, atol=1e-6, rtol=1e-6)
-        assert clip is not None and not torch.allclose(handed.detach(), clip.float())  # not CLIP-G's
-    assert torch.count_nonzero(seen["handed"][-1]) > 0  # it starts at 0 and has learned something by step 3
+        assert clip is None  # CLIP-G was neither loaded nor run
+    assert len(list((tmp_path / "run" / "samples").glob("*.png"))) == 1  # sampled with the pool, without CLIP-G
+    assert seen["handed"][3].shape == (2, POOLED) and torch.count_nonzero(seen["handed"][3][1]) > 0
+    assert torch.count_nonzero(seen["handed"][2]) > 0  # it starts at 0 and has learned something by step 3
     trained = load_file(str(result.connector))
     start = init_connector(connector_config(config, "sdxl", 20, 2048, POOLED), config.train["seed"]).state_dict()
     assert {k for k in trained if k.startswith("pool.")} == POOL_KEYS
@@ -82,6 +86,16 @@ def test_the_pool_trains_and_gives_the_unet_its_pooled_vector(tmp_path, sdxl_bas
     assert loaded.config.pooled_width == POOLED and loaded.has_pool
     checkpoint = json.loads((result.checkpoint / "run.json").read_text())
     assert checkpoint["connector"]["pooled"] == "attention"
+
+
+def _no_clip_g(monkeypatch):
+    """CLIP-G cannot load: a run that needs no CLIP-G must not try."""
+    from transformers import CLIPTextModelWithProjection
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("CLIP-G was loaded")
+
+    monkeypatch.setattr(CLIPTextModelWithProjection, "from_pretrained", refuse)
 
 
 def test_clip_pooled_is_as_before(tmp_path, sdxl_base, tiny_t5_dir, images8, monkeypatch):
@@ -103,6 +117,15 @@ def test_pool_with_the_cache(tmp_path, sdxl_base, tiny_t5_dir, images8, monkeypa
     for expected, handed in zip(seen["expected"], seen["handed"]):
         torch.testing.assert_close(handed.detach(), expected, atol=1e-6, rtol=1e-6)
     assert result.step == 2 and load_connector(result.connector).has_pool
+    # the cache this run built keeps CLIP-G's vectors: a run with pooled = "clip" reads it as it is
+    seen = _spy(monkeypatch)
+    again = load_config(config.path, ["connector.pooled=clip", f"train.output={tmp_path / 'clip'}"])
+    train(again)
+    assert seen["clip"][0] is not None and seen["clip"][0].shape == (2, POOLED)
+    torch.testing.assert_close(seen["handed"][0], seen["clip"][0].to(seen["handed"][0].dtype))
+    # and an attention run on the complete cache loads no CLIP-G
+    _no_clip_g(monkeypatch)
+    train(load_config(config.path, [f"train.output={tmp_path / 'again'}"]))
 
 
 def test_attention_on_sd15_is_refused(tmp_path, sd15_base, tiny_t5_dir, images8):
@@ -176,5 +199,11 @@ def test_estimate_counts_the_pool(tmp_path, sdxl_base, tiny_t5_dir, images8):
     expected = (20 * width + width) + width + (width * 2 * width + 2 * width) + 2 * width + (width * POOLED + POOLED)
     assert with_pool["pool_parameters"] == expected and without["pool_parameters"] == 0
     assert with_pool["tsc_parameters"] - without["tsc_parameters"] == expected
-    assert with_pool["memory_weights_bytes"] > without["memory_weights_bytes"]
     assert "attention pool" in format_report(with_pool, pooled)
+    # with the pool, a run without a cache to build loads no CLIP-G: it is not counted
+    assert "clip_g" in without["frozen_parameters"] and "clip_g" not in with_pool["frozen_parameters"]
+    clip_g = without["frozen_parameters"]["clip_g"]
+    assert with_pool["memory_weights_bytes"] - without["memory_weights_bytes"] == 16 * expected - 4 * clip_g
+    cached = estimate(load_config(clip.path, ["connector.pooled=attention", f"train.cache={tmp_path / 'c'}"]),
+                      measure=False)
+    assert cached["frozen_parameters"]["clip_g"] == clip_g  # the cache is built with CLIP-G's vectors

@@ -21,7 +21,7 @@ def test_an_fp16_file_builds_fp16_models_and_load_base_converts_them(tmp_path, t
     config = load_config(write_config(tmp_path / "run.toml", base=path, llm=tiny_t5_dir, images=images8,
                                       output=tmp_path / "out", model={"base_config": str(configs)}))
 
-    _, raw_unet, raw_vae, _, clip_g, _ = _load_single_file(str(path), config)
+    _, raw_unet, raw_vae, _, clip_g, _ = _load_single_file(str(path), config, True)
     assert {p.dtype for p in raw_unet.parameters()} == {torch.float16} == {p.dtype for p in raw_vae.parameters()}
     assert clip_g is None
 

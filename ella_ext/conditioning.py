@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .connector import own_precision
 from .errors import InputError
 from .prompts import WeightedText, plain_text
 
@@ -83,7 +84,8 @@ class Conditioner:
         features = features.to(self.connector.device, self.connector.dtype)
         mask = mask.to(self.connector.device)
         if self.has_pool:
-            with torch.inference_mode():  # fixed length reads every position, as the TSC passes do
+            # fixed length reads every position, as the TSC passes do
+            with torch.inference_mode(), own_precision(features.device):
                 pooled = self.connector.pooled(features, mask if self.max_length is None else None)
             self._pooled = pooled if self._pooled is None else torch.cat([self._pooled, pooled])
         if self._features is None:
@@ -281,7 +283,7 @@ class Conditioner:
         if any(self._weighted[i] for i, _ in pairs):  # else none: an unweighted pass costs nothing extra
             rows = torch.tensor([i for i, _ in pairs])
             weights = self._weights.index_select(0, rows)[:, : features.shape[1]]
-        with torch.inference_mode():
+        with torch.inference_mode(), own_precision(device):
             out = self.connector(features, timesteps, mask, weights)
         self.tsc_passes += 1
         self.tsc_pairs += len(pairs)

@@ -30,6 +30,7 @@ once per text and generation, while the TSC's output changes with the timestep.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -43,6 +44,14 @@ from .errors import ConnectorLoadError, InputError
 DEFAULT_HEADS = 8
 LAYERNORM_EPS = 1e-6
 _BLOCK_KEY = re.compile(r"^connector\.perceiver_blocks\.(\d+)\.attn\.in_proj_weight$")
+
+
+def own_precision(device: torch.device | str):
+    """A context in which ELLA's models compute in the dtype they were loaded in, whatever the caller set up: a host
+    may sample inside ``torch.autocast`` (A1111 with FP8 weights on a CPU samples under bfloat16 autocast, on CUDA
+    under float16), which would otherwise run the connector and the LLM in that precision instead."""
+    kind = torch.device(device).type
+    return torch.autocast(device_type=kind, enabled=False) if kind in ("cuda", "cpu") else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)

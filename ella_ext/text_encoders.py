@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from .connector import own_precision
 from .errors import InputError, TextEncoderError
 from .llm_files import T5_FAMILY, read_config, read_model, read_tokenizer, token_limit
 from .model_files import encoder_folder_problem
@@ -228,7 +229,7 @@ class TextEncoder:
         ids = batch.input_ids.to(self.device)
         attention = batch.attention_mask.to(self.device).long()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), own_precision(self.device):
                 if self.layer is None:
                     hidden = self.model(input_ids=ids, attention_mask=attention).last_hidden_state
                 else:

@@ -514,3 +514,24 @@ def test_no_not_called_message_after_an_interrupt(host, monkeypatch):
     monkeypatch.setattr(generation, "on_denoiser", lambda params, timesteps: setattr(shared.state, "interrupted", True))
     p, processed = host.run("a cube", steps=2)
     assert "ELLA" not in processed.infotexts[0]
+
+
+def test_rows_keep_their_precision_when_the_host_samples_under_autocast(host, reference, monkeypatch):
+    # A1111 with FP8 weight storage on a CPU samples inside bfloat16 autocast (seen in the real 1.10.1: the rows of a
+    # trained connector were 3e-2 off its own computation, as far as the texts are apart); ELLA's rows are computed
+    # in the connector's own dtype all the same
+    from modules import devices, script_callbacks
+
+    seen = []
+    script_callbacks.on_cfg_denoiser(lambda params: seen.append(torch.is_autocast_cpu_enabled()))
+    monkeypatch.setattr(devices, "fp8", True)
+    monkeypatch.setattr(devices, "dtype_unet", torch.float32)  # --no-half, as on a CPU
+    p, processed = host.run("a red cube on a table", "blurry", steps=3, enable_hr=True, hr_second_pass_steps=2,
+                            denoising_strength=0.5)
+    assert host.reported() == [] and seen and all(seen)  # every sampler call ran under the host's autocast
+    assert len(host.recorded.calls) == 5
+    for texts, timesteps, rows in host.recorded.calls:
+        assert rows.dtype == torch.float32
+        for row, text, t in zip(rows, texts, timesteps):
+            torch.testing.assert_close(row, reference(text, t), atol=1e-5, rtol=1e-5)
+    assert "ELLA error" not in processed.infotexts[0]

@@ -31,7 +31,7 @@ import zlib
 
 import torch
 
-from modules import sd_models, sd_samplers, shared
+from modules import devices, sd_models, sd_samplers, shared
 
 re_extra_net = re.compile(r"<(\w+):([^>]+)>")  # host: modules/extra_networks.py
 re_AND = re.compile(r"\bAND\b")  # host: modules/prompt_parser.py
@@ -48,11 +48,11 @@ def fake_clip(text, width, sign=0.0):  # double-only: the stand-in for CLIP (see
 
 def conditioning_row(sd_model, text, sign=0.0):  # double-only: one prompt's conditioning from the stand-in CLIP
     width = sd_model.context_width
-    crossattn = fake_clip(text, width, sign).to(torch.float16)
+    crossattn = fake_clip(text, width, sign).to(devices.dtype_unet)  # the model's dtype: fp16, or fp32 (--no-half)
     if getattr(sd_model, "is_sdxl", False):
         generator = torch.Generator().manual_seed(zlib.crc32(text.encode()) + 1)
         vector = torch.randn(getattr(sd_model, "vector_width", 2816), generator=generator)  # a refiner's: 2560
-        return {"crossattn": crossattn, "vector": vector.to(torch.float16)}
+        return {"crossattn": crossattn, "vector": vector.to(devices.dtype_unet)}
     return crossattn
 
 
@@ -234,33 +234,39 @@ def _process_images_inner(p, runner):
         p.setup_conds()
         if p.n_iter > 1:  # the host renames the running job per batch
             shared.state.job = f"Batch {n + 1} out of {p.n_iter}"
-        if p.is_img2img:
-            x = p.rng.next()
-            runner.call("process_before_every_sampling", p, x=p.init_latent, noise=x, c=p.c, uc=p.uc)
-            p.denoisers.append(p.sampler.model_wrap_cfg)
-            samples = p.sampler.sample_img2img(p, p.init_latent, x, p.c, p.uc)
-        else:
-            p.sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
-            x = p.rng.next()
-            runner.call("process_before_every_sampling", p, x=x, noise=x, c=p.c, uc=p.uc)
-            p.denoisers.append(p.sampler.model_wrap_cfg)
-            samples = p.sampler.sample(p, x, p.c, p.uc)
-        if p.enable_hr and not p.is_img2img:
-            p.is_hr_pass = True
-            p.before_hires_infotexts += [create_infotext(p, n * size + i) for i in range(size)]  # save_intermediate
-            p.rng = ImageRNG((size, *LATENT), p.seeds)
-            noise = p.rng.next()
-            p.sampler = sd_samplers.create_sampler(p.hr_sampler_name or p.sampler_name, p.sd_model)
-            p.denoisers.append(p.sampler.model_wrap_cfg)
-            p.calculate_hr_conds()
-            runner.call("before_hr", p)
-            runner.call("process_before_every_sampling", p, x=samples, noise=noise, c=p.hr_c, uc=p.hr_uc)
-            p.sampler.sample_img2img(p, samples, noise, p.hr_c, p.hr_uc, steps=p.hr_second_pass_steps or p.steps)
-            p.sampler = None
-            p.is_hr_pass = False
+        with devices.autocast():  # the host: p.sample (the hires pass included) inside devices.autocast()
+            samples, x = _sample(p, runner, n, size)
         runner.call("postprocess_batch", p, images=x, batch_number=n)
         infotexts += [create_infotext(p, n * size + i) for i in range(size)]
     processed = Processed(p, infotexts)
     runner.call("postprocess", p, processed)
     processed.js()  # the API and the UI both answer with it
     return processed
+
+
+def _sample(p, runner, n, size):
+    if p.is_img2img:
+        x = p.rng.next()
+        runner.call("process_before_every_sampling", p, x=p.init_latent, noise=x, c=p.c, uc=p.uc)
+        p.denoisers.append(p.sampler.model_wrap_cfg)
+        samples = p.sampler.sample_img2img(p, p.init_latent, x, p.c, p.uc)
+    else:
+        p.sampler = sd_samplers.create_sampler(p.sampler_name, p.sd_model)
+        x = p.rng.next()
+        runner.call("process_before_every_sampling", p, x=x, noise=x, c=p.c, uc=p.uc)
+        p.denoisers.append(p.sampler.model_wrap_cfg)
+        samples = p.sampler.sample(p, x, p.c, p.uc)
+    if p.enable_hr and not p.is_img2img:
+        p.is_hr_pass = True
+        p.before_hires_infotexts += [create_infotext(p, n * size + i) for i in range(size)]  # save_intermediate
+        p.rng = ImageRNG((size, *LATENT), p.seeds)
+        noise = p.rng.next()
+        p.sampler = sd_samplers.create_sampler(p.hr_sampler_name or p.sampler_name, p.sd_model)
+        p.denoisers.append(p.sampler.model_wrap_cfg)
+        p.calculate_hr_conds()
+        runner.call("before_hr", p)
+        runner.call("process_before_every_sampling", p, x=samples, noise=noise, c=p.hr_c, uc=p.hr_uc)
+        p.sampler.sample_img2img(p, samples, noise, p.hr_c, p.hr_uc, steps=p.hr_second_pass_steps or p.steps)
+        p.sampler = None
+        p.is_hr_pass = False
+    return samples, x

@@ -2,7 +2,8 @@
 
     python bench/bench_host.py --url http://127.0.0.1:7861 --pid 12345 \\
         --ella '{"enabled": true, "connector": "my-sdxl-connector", "text_encoder": "flan-t5-xl"}' \\
-        --width 1024 --height 1024 --steps 20 --repeats 3 [--log webui.log] [--hires] [--batch-size 1]
+        --width 1024 --height 1024 --steps 20 --repeats 3 [--log webui.log] [--hires] [--batch-size 1] \\
+        [--settings '{"live_previews_enable": false}']
 
 Each round makes one image with ELLA off and one with ELLA on (the same prompt, seed, size, steps and sampler), in
 alternating order (off first in even rounds, on first in odd ones), after one warm-up image of each that is not
@@ -79,6 +80,8 @@ def payload(args, ella_on: bool) -> dict:
     if args.hires:
         body.update(enable_hr=True, hr_scale=1.5, denoising_strength=0.5, hr_second_pass_steps=max(1, args.steps // 2),
                     hr_upscaler="Latent")
+    if args.settings:
+        body["override_settings"] = json.loads(args.settings)
     ella = dict(json.loads(args.ella), enabled=ella_on)
     body["alwayson_scripts"] = {"ELLA": {"args": [ella]}}
     return body
@@ -162,8 +165,10 @@ def main(argv=None) -> int:
     parser.add_argument("--hires", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--settings", help="the host's settings for these requests, as JSON (override_settings), e.g. "
+                                           '\'{"sd_model_checkpoint": "sdxl-base", "live_previews_enable": false}\'')
     args = parser.parse_args(argv)
-    json.loads(args.ella)  # a bad --ella stops here, before any image
+    json.loads(args.ella), json.loads(args.settings or "{}")  # bad JSON stops here, before any image
     warmups = [one(args, False), one(args, True)]
     runs = []
     for round_ in range(args.repeats):

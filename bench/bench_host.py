@@ -138,9 +138,13 @@ def report(args, runs: list[dict], warmups: list[dict]) -> str:
         lines.append(f"| {'on' if on else 'off'} | {medians[on]:.2f} | {min(times):.2f} | {max(times):.2f} | "
                      f"{peak} | {before} |")
     lines += ["", f"ELLA on / off, median time: {medians[True] / medians[False]:.3f}x"]
-    first_on = next(r for r in warmups if r["ella"])
+    first_off, first_on = (next(r for r in warmups if r["ella"] == on) for on in (False, True))
     lines += ["", f"First ELLA image (loads the models): {first_on['seconds']:.2f} s"
-              + (f", peak RSS {gib(first_on['rss_peak'])} GiB" if args.pid else "")]
+              + (f", RSS before {gib(first_on['rss_before'])} GiB, peak {gib(first_on['rss_peak'])} GiB" if args.pid
+                 else "")]
+    if args.pid:  # the warm-up without ELLA comes first: the host before ELLA's models were ever loaded
+        lines += [f"First ELLA-off image (the host before ELLA loaded anything): RSS before "
+                  f"{gib(first_off['rss_before'])} GiB, peak {gib(first_off['rss_peak'])} GiB"]
     if args.log:
         lines += ["", "Log lines of the first ELLA image and of the last ELLA-on round (memory, ELLA):", "```"]
         lines += first_on["log"][-40:] + ["..."] + next(r for r in reversed(runs) if r["ella"])["log"][-40:] + ["```"]

@@ -514,7 +514,7 @@ def _stop_at_switch(generation: Generation, hires: bool, host_width: int, width:
     message = (f"ELLA stopped at the refiner switch{' of the hires pass' if hires else ''}: {what} takes "
                f"{host_width}-wide text conditioning, the connector makes {width}; ELLA conditioned {calls} before "
                "it, the refiner's own CLIP the rest")
-    log.info("%s", message)
+    log.warning("%s", message)  # as the info text's ELLA warning (or error), in the console too
     generation.passes.pop(hires, None)
     _drop_plan(generation)
     if not conditioned:  # the switch came first: nothing of this batch is ELLA's

@@ -31,7 +31,7 @@ def _widths(denoiser):
     return widths
 
 
-def test_sdxl_refiner_gets_its_own_rows_and_the_info_text_says_where_ella_stopped(host):
+def test_sdxl_refiner_gets_its_own_rows_and_the_info_text_says_where_ella_stopped(host, caplog):
     from modules.processing import conditioning_row
 
     _, refiner = _checkpoints(2048, 1280, sdxl=True)
@@ -54,6 +54,8 @@ def test_sdxl_refiner_gets_its_own_rows_and_the_info_text_says_where_ella_stoppe
         assert (f"ELLA warning: ELLA stopped at the refiner switch: the refiner refiner takes 1280-wide text "
                 f"conditioning, the connector makes 2048; ELLA conditioned {conditioned} sampler calls before it, "
                 f"the refiner's own CLIP the rest") in info
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "stopped at the refiner switch" in r.message]
+    assert len(warned) == 2  # in the console too, once per batch
 
 
 def test_refiner_of_the_same_width_keeps_ella(host):

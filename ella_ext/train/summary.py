@@ -80,6 +80,15 @@ def weights_memory(config: Config, frozen: int, llm: int, tsc: int, llm_bytes: i
     return frozen * weight_bytes + (llm * llm_bytes if not config.train["cache"] else 0) + trainable
 
 
+def cpu_bf16_note(config: Config, device: torch.device) -> str | None:
+    """bf16 on a CPU: fast only where the CPU computes in it (seen on a 2-core CPU without: a full-size SDXL step had
+    not finished after 6 minutes, against 13.5 s in float32)."""
+    if config.train["mixed_precision"] != "bf16" or device.type != "cpu":
+        return None
+    return ("bf16 on a CPU is fast only where the CPU computes in bf16 (AVX512-BF16 or AMX); elsewhere it is "
+            "emulated and can be many times slower than mixed_precision = 'no'")
+
+
 def summary_lines(config: Config, base, data, record: dict, connector, done: int, feature_dtype: torch.dtype,
                   encoder=None) -> list[str]:
     train = config.train
@@ -111,6 +120,7 @@ def summary_lines(config: Config, base, data, record: dict, connector, done: int
     lines.append(f"precision: frozen models {_dtype(base.unet.dtype)} (mixed_precision = "
                  f"'{train['mixed_precision']}'), VAE {_dtype(vae.dtype)}, LLM features {_dtype(feature_dtype)}; "
                  f"the connector trains in float32 and is saved in {train['save_precision']}")
+    lines += [note for note in [cpu_bf16_note(config, base.unet.device)] if note]
     frozen = {"UNet": _parameters(base.unet), "VAE": _parameters(base.vae)}
     if base.clip_g is not None:
         frozen["CLIP-G"] = _parameters(base.clip_g)

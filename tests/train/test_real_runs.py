@@ -807,3 +807,13 @@ def test_cache_says_when_a_complete_cache_no_longer_matches_the_data(tmp_path, s
     (images / "img00.txt").write_text("an edited caption")
     assert main(["cache", "--config", str(path)]) == 2
     assert "img00" in capsys.readouterr().err
+
+
+def test_bf16_on_a_cpu_says_it_may_be_slow(tmp_path, sd15_base, images8, tiny_t5_dir):
+    # seen on this project's CPU (no AVX512-BF16): a bf16 SDXL step did not finish in 6 minutes, float32 took 13.5 s
+    from ella_ext.train.summary import cpu_bf16_note
+
+    for precision, device, said in (("bf16", "cpu", True), ("no", "cpu", False), ("bf16", "cuda", False)):
+        config = _config(tmp_path, sd15_base, images8, tiny_t5_dir, train={"mixed_precision": precision})
+        note = cpu_bf16_note(config, torch.device(device))
+        assert (note is not None and "bf16 on a CPU is fast only" in note) == said

@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from .host_context import crossattn
+
 log = logging.getLogger("ella")
 
 # ADetailer (Bing-su/adetailer 36189cbe): its setting "Script names to apply to ADetailer" (``ad_script_names``) and
@@ -95,7 +97,7 @@ def interpolate_frames(generation, p, params) -> None:
     scheduler, closed = generation.travel
     try:
         cond = params.text_cond
-        rows = (cond["crossattn"] if isinstance(cond, dict) else cond).shape[0]
+        rows = crossattn(cond).shape[0]
         if rows != getattr(p, "batch_size", rows):
             _warn_once(generation, ANIMATEDIFF_AND_WARNING)
             return

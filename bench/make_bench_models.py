@@ -47,6 +47,13 @@ def connector_shape(family: str, pooled: str) -> ConnectorConfig:
     return shape
 
 
+def tokenizer_files(tokenizer: Path) -> list[str]:
+    found = [name for name in TOKENIZER_FILES if (tokenizer / name).is_file()]
+    if "spiece.model" not in found and "tokenizer.json" not in found:
+        raise SystemExit(f"{tokenizer} has neither spiece.model nor tokenizer.json: give a T5 tokenizer's folder")
+    return found
+
+
 def write_llm(folder: Path, tokenizer: Path, layers: int, seed: int) -> int:
     from transformers import T5Config, T5EncoderModel
 
@@ -56,10 +63,7 @@ def write_llm(folder: Path, tokenizer: Path, layers: int, seed: int) -> int:
     model = T5EncoderModel(config).eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
-    copied = [name for name in TOKENIZER_FILES if (tokenizer / name).is_file()]
-    if "spiece.model" not in copied and "tokenizer.json" not in copied:
-        raise SystemExit(f"{tokenizer} has neither spiece.model nor tokenizer.json: give a T5 tokenizer's folder")
-    for name in copied:
+    for name in tokenizer_files(tokenizer):
         shutil.copy2(tokenizer / name, folder / name)
     return sum(p.numel() for p in model.parameters())
 
@@ -77,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     pooled = args.pooled or ("attention" if args.family == "sdxl" else "clip")
 
     shape = connector_shape(args.family, pooled)
+    tokenizer_files(args.tokenizer)  # before anything is written
     model = init_connector(shape, args.seed)
     for parameter in model.parameters():  # a trained connector's AdaLN is not zero: give every weight a value
         if parameter.abs().max() == 0:

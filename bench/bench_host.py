@@ -25,6 +25,7 @@ import statistics
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -69,8 +70,12 @@ class PeakSampler:
 def post(url: str, payload: dict, timeout: float) -> dict:
     request = urllib.request.Request(url, data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as answer:
-        return json.loads(answer.read())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return json.loads(answer.read())
+    except urllib.error.URLError as err:
+        raise SystemExit(f"{url}: {getattr(err, 'reason', err)}. Is the WebUI running there, started with --api?") \
+            from err
 
 
 def payload(args, ella_on: bool) -> dict:
@@ -172,7 +177,11 @@ def main(argv=None) -> int:
     parser.add_argument("--settings", help="the host's settings for these requests, as JSON (override_settings), e.g. "
                                            '\'{"sd_model_checkpoint": "sdxl-base", "live_previews_enable": false}\'')
     args = parser.parse_args(argv)
-    json.loads(args.ella), json.loads(args.settings or "{}")  # bad JSON stops here, before any image
+    for flag, text in (("--ella", args.ella), ("--settings", args.settings or "{}")):  # before any image
+        try:
+            json.loads(text)
+        except ValueError as err:
+            parser.error(f"{flag} is not JSON ({err}): give an object, e.g. '{{\"connector\": \"name\"}}'")
     warmups = [one(args, False), one(args, True)]
     runs = []
     for round_ in range(args.repeats):
